@@ -1,0 +1,1 @@
+"""DICOM networking and pixel handling: receive, intake, send, decode."""

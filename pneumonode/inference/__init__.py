@@ -1,0 +1,1 @@
+"""Model packages, prediction and post-processing."""

@@ -1,0 +1,1 @@
+"""DICOM result objects: Segmentation and secondary-capture overlay."""

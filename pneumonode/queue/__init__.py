@@ -1,0 +1,1 @@
+"""The durable job queue: ORM models, engine setup, state transitions, retry decisions."""
