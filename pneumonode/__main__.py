@@ -1,0 +1,7 @@
+"""Allow `python -m pneumonode`."""
+
+import sys
+
+from pneumonode.cli import main
+
+sys.exit(main())

@@ -1,0 +1,206 @@
+"""Durable intake: one received instance becomes a fsynced spool file and a committed job row."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import IntEnum
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from sqlalchemy.exc import SQLAlchemyError
+
+from pneumonode.queue.repository import JobRepository, NewJob
+
+LOGGER = logging.getLogger(__name__)
+
+ACCEPTED_MODALITIES = frozenset({"CR", "DX"})
+CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "CHEST_LAT", "CHESTABDOMEN"})
+_UID_CHARS = frozenset("0123456789.")
+
+
+class Status(IntEnum):
+    """C-STORE response statuses the node answers (PS3.4 B.2.3 and PS3.7 C)."""
+
+    SUCCESS = 0x0000
+    PROCESSING_FAILURE = 0x0110
+    OUT_OF_RESOURCES = 0xA700
+    DATASET_DOES_NOT_MATCH = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+
+
+class Outcome(IntEnum):
+    """What intake did with an instance."""
+
+    QUEUED = 1
+    SKIPPED = 2
+    DUPLICATE = 3
+    REFUSED = 4
+
+
+@dataclass(frozen=True)
+class IntakeResult:
+    """The answer to give the sender and what happened."""
+
+    status: Status
+    outcome: Outcome
+    job_id: int | None
+    reason: str | None = None
+
+
+def is_valid_uid(value: object) -> bool:
+    """True for a syntactically valid DICOM UID (PS3.5 9.1)."""
+    if not isinstance(value, str) or not 0 < len(value) <= 64 or not set(value) <= _UID_CHARS:
+        return False
+    return all(part and (part == "0" or part[0] != "0") for part in value.split("."))
+
+
+def skip_reason(ds: Dataset) -> str | None:
+    """Why an accepted instance is not a single-frame chest radiograph, or None when it is.
+
+    Instances of a supported SOP class that fail these checks are acknowledged (the sender did
+    nothing wrong) and their job ends ``skipped`` with this reason.
+    """
+    modality = str(ds.get("Modality", "")).strip().upper()
+    if modality not in ACCEPTED_MODALITIES:
+        return f"modality {modality or '(absent)'!r} is not CR or DX"
+    body_part = str(ds.get("BodyPartExamined", "")).strip().upper()
+    if body_part and body_part not in CHEST_BODY_PARTS:
+        return f"body part examined {body_part!r} is not chest"
+    if "PixelData" not in ds:
+        return "no pixel data"
+    frames = ds.get("NumberOfFrames", 1)
+    try:
+        n_frames = int(frames) if frames not in (None, "") else 1
+    except (TypeError, ValueError):
+        return f"number of frames {frames!r} is not an integer"
+    if n_frames != 1:
+        return f"multi-frame image ({n_frames} frames); only single-frame radiographs are read"
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Intake:
+    """Turns received instances into durable jobs.
+
+    Parameters
+    ----------
+    data_dir:
+        The node's data folder; spool files live under ``spool/``.
+    repository:
+        The job repository.
+    on_queued:
+        Called (without arguments) after a job is committed, to wake the workers.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        repository: JobRepository,
+        on_queued: Callable[[], None] | None = None,
+    ) -> None:
+        self._spool = data_dir / "spool"
+        self._incoming = self._spool / "incoming"
+        self._repository = repository
+        self._on_queued = on_queued
+        self._incoming.mkdir(parents=True, exist_ok=True)
+
+    def _day_dir(self) -> Path:
+        day = self._spool / datetime.now(UTC).strftime("%Y%m%d")
+        if not day.is_dir():
+            day.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(self._spool)
+        return day
+
+    def _write_durably(self, encoded: bytes) -> Path:
+        """Write to a temporary file, fsync it, rename it into the spool, fsync the folder."""
+        name = f"{uuid.uuid4().hex}.dcm"
+        tmp = self._incoming / (name + ".part")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(encoded)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        day = self._day_dir()
+        final = day / name
+        os.rename(tmp, final)
+        _fsync_dir(day)
+        return final
+
+    def receive(
+        self, header: Dataset, encoded: bytes, calling_aet: str, peer_host: str | None
+    ) -> IntakeResult:
+        """Store one instance; returns the status to answer.
+
+        ``header`` is the received dataset (only header attributes are read); ``encoded`` is the
+        complete DICOM file (preamble, file meta, dataset) exactly as received.
+        """
+        sop_uid = header.get("SOPInstanceUID")
+        for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            value = header.get(keyword)
+            if not is_valid_uid(value):
+                reason = f"{keyword} is not a valid UID: {str(value)[:80]!r}"
+                LOGGER.warning("refused instance: %s", reason)
+                return IntakeResult(Status.CANNOT_UNDERSTAND, Outcome.REFUSED, None, reason)
+        assert isinstance(sop_uid, str)
+        reason = skip_reason(header)
+        spool_rel: str | None = None
+        spool_path: Path | None = None
+        if reason is None:
+            try:
+                spool_path = self._write_durably(encoded)
+            except OSError as exc:
+                LOGGER.exception("cannot spool SOP Instance %s: %s", sop_uid, exc.strerror)
+                return IntakeResult(
+                    Status.OUT_OF_RESOURCES, Outcome.REFUSED, None, f"spool write failed: {exc}"
+                )
+            spool_rel = str(spool_path.relative_to(self._spool.parent))
+        new = NewJob(
+            sop_instance_uid=sop_uid,
+            sop_class_uid=str(header.SOPClassUID),
+            study_instance_uid=str(header.StudyInstanceUID),
+            series_instance_uid=str(header.SeriesInstanceUID),
+            calling_aet=calling_aet.strip(),
+            peer_host=peer_host,
+            spool_path=spool_rel,
+            skip_reason=reason,
+        )
+        try:
+            result = self._repository.enqueue(new)
+        except SQLAlchemyError:
+            LOGGER.exception("cannot record job for SOP Instance %s", sop_uid)
+            if spool_path is not None:
+                spool_path.unlink(missing_ok=True)
+            return IntakeResult(
+                Status.OUT_OF_RESOURCES, Outcome.REFUSED, None, "job database unavailable"
+            )
+        if not result.created:
+            if spool_path is not None:
+                spool_path.unlink(missing_ok=True)
+            LOGGER.info("SOP Instance %s already queued as job %d", sop_uid, result.job_id)
+            return IntakeResult(Status.SUCCESS, Outcome.DUPLICATE, result.job_id)
+        if reason is not None:
+            LOGGER.info("job %d skipped at intake: %s", result.job_id, reason)
+            return IntakeResult(Status.SUCCESS, Outcome.SKIPPED, result.job_id, reason)
+        LOGGER.info("job %d queued for SOP Instance %s", result.job_id, sop_uid)
+        if self._on_queued is not None:
+            self._on_queued()
+        return IntakeResult(Status.SUCCESS, Outcome.QUEUED, result.job_id)

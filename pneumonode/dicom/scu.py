@@ -1,0 +1,157 @@
+"""Sending DICOM: C-ECHO and C-STORE of files to a remote AE, with TCP_NODELAY and timeouts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom.uid as pduid
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+
+from pneumonode.dicom.scp import handle_conn_open
+
+LOGGER = logging.getLogger(__name__)
+
+_UNCOMPRESSED = (
+    pduid.ExplicitVRLittleEndian,
+    pduid.ImplicitVRLittleEndian,
+)
+
+
+class SendError(RuntimeError):
+    """The association could not be made, or broke, before every instance was answered."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds to wait for association negotiation, DIMSE responses and network reads."""
+
+    acse: float = 30.0
+    dimse: float = 60.0
+    network: float = 60.0
+
+
+@dataclass(frozen=True)
+class Remote:
+    """Where to send: the called AE title and its address."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """The peer's answer for one instance."""
+
+    path: Path
+    sop_instance_uid: str
+    status: int
+
+    @property
+    def ok(self) -> bool:
+        """Success or warning (0xB000-0xBFFF, 0x0107, 0x0116) both mean the peer kept it."""
+        return self.status == 0x0000 or self.status in (0x0107, 0x0116) or (
+            0xB000 <= self.status <= 0xBFFF
+        )
+
+
+def _make_ae(calling_ae: str, timeouts: Timeouts) -> AE:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = timeouts.acse
+    ae.dimse_timeout = timeouts.dimse
+    ae.network_timeout = timeouts.network
+    return ae
+
+
+def _associate(ae: AE, remote: Remote) -> Association:
+    assoc = ae.associate(
+        remote.host,
+        remote.port,
+        ae_title=remote.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, handle_conn_open)],
+    )
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            raise SendError(f"association rejected by {remote}")
+        raise SendError(f"cannot associate with {remote}: connection refused, aborted or timed out")
+    return assoc
+
+
+def echo(calling_ae: str, remote: Remote, timeouts: Timeouts = Timeouts()) -> int:
+    """Send C-ECHO; returns the status (0 = success). Raises SendError when no answer."""
+    ae = _make_ae(calling_ae, timeouts)
+    ae.add_requested_context(Verification)
+    assoc = _associate(ae, remote)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if "Status" not in status:
+        raise SendError(f"no C-ECHO response from {remote.ae_title}")
+    return int(status.Status)
+
+
+def store(
+    paths: Sequence[Path],
+    calling_ae: str,
+    remote: Remote,
+    timeouts: Timeouts = Timeouts(),
+    on_progress: Callable[[StoreOutcome], None] | None = None,
+) -> list[StoreOutcome]:
+    """C-STORE the DICOM files at ``paths`` over one association, in order.
+
+    Uncompressed files may go in explicit or implicit VR; compressed ones in their own syntax.
+
+    Raises
+    ------
+    SendError
+        When the association fails or aborts before every file has an answer.
+    """
+    datasets: list[Dataset] = [dcmread(p) for p in paths]
+    ae = _make_ae(calling_ae, timeouts)
+    contexts: dict[str, list[str]] = {}
+    for ds in datasets:
+        ts = ds.file_meta.TransferSyntaxUID
+        wanted = contexts.setdefault(str(ds.SOPClassUID), [])
+        candidates = list(_UNCOMPRESSED) if ts in _UNCOMPRESSED else [ts]
+        for syntax in candidates:
+            if syntax not in wanted:
+                wanted.append(syntax)
+    if len(contexts) > 128:
+        raise SendError(f"{len(contexts)} SOP classes exceed the 128 presentation contexts")
+    for sop_class, syntaxes in contexts.items():
+        ae.add_requested_context(sop_class, syntaxes)
+    assoc = _associate(ae, remote)
+    outcomes: list[StoreOutcome] = []
+    try:
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        for path, ds in zip(paths, datasets, strict=True):
+            if str(ds.SOPClassUID) not in accepted:
+                raise SendError(
+                    f"{remote} accepted no presentation context for SOP class {ds.SOPClassUID} "
+                    f"(instance {ds.SOPInstanceUID})"
+                )
+            response = assoc.send_c_store(ds)
+            if "Status" not in response:
+                raise SendError(
+                    f"no C-STORE response from {remote.ae_title} for {ds.SOPInstanceUID} "
+                    "(timeout or abort)"
+                )
+            outcome = StoreOutcome(path, str(ds.SOPInstanceUID), int(response.Status))
+            outcomes.append(outcome)
+            if on_progress is not None:
+                on_progress(outcome)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return outcomes

@@ -1,0 +1,114 @@
+"""Delivery loop: sends each job's result objects to its destinations, in order, with retries."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime
+
+from pneumonode.dicom.scu import Remote, SendError, Timeouts, store
+from pneumonode.queue.repository import DeliveryView, JobRepository
+from pneumonode.queue.retry import RetryPolicy
+from pneumonode.settings import Settings
+
+LOGGER = logging.getLogger(__name__)
+
+
+class Sender:
+    """One sending thread; several may run, per-destination order is kept by the repository."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        repository: JobRepository,
+        sender_id: str,
+        wake: threading.Event,
+    ) -> None:
+        self._settings = settings
+        self._repo = repository
+        self.sender_id = sender_id
+        self._wake = wake
+        d = settings.delivery
+        self._policy = RetryPolicy(
+            max_attempts=d.max_attempts,
+            base_delay_s=d.retry_base_delay_s,
+            max_delay_s=d.retry_max_delay_s,
+        )
+        self._timeouts = Timeouts(
+            acse=d.acse_timeout_s, dimse=d.dimse_timeout_s, network=d.network_timeout_s
+        )
+        self._in_hand: set[int] = set()
+        self._lock = threading.Lock()
+
+    def beat(self) -> None:
+        """Refresh the heartbeat of the deliveries in hand."""
+        with self._lock:
+            held = list(self._in_hand)
+        for delivery_id in held:
+            self._repo.heartbeat_delivery(delivery_id, self.sender_id)
+
+    def _idle_wait(self) -> None:
+        poll = self._settings.worker.poll_s
+        due = self._repo.next_due()
+        if due is not None:
+            poll = min(poll, max(0.05, (due - datetime.now(UTC)).total_seconds()))
+        self._wake.wait(poll)
+        self._wake.clear()
+
+    def run(self, stop: threading.Event) -> None:
+        """Send until ``stop`` is set; a send in progress is finished first."""
+        while not stop.is_set():
+            deliveries = self._repo.claim_deliveries(self.sender_id, limit=1)
+            if not deliveries:
+                self._idle_wait()
+                continue
+            for delivery in deliveries:
+                self.send(delivery)
+
+    def send(self, delivery: DeliveryView) -> None:
+        """Send one job's SEG and overlay to one destination and record the outcome."""
+        with self._lock:
+            self._in_hand.add(delivery.id)
+        try:
+            error = self._attempt(delivery)
+        finally:
+            with self._lock:
+                self._in_hand.discard(delivery.id)
+        if error is None:
+            self._repo.delivery_succeeded(delivery.id, self.sender_id)
+            LOGGER.info("job %d delivered to %s", delivery.job_id, delivery.destination)
+            return
+        after = self._repo.delivery_failed(delivery.id, self.sender_id, error, self._policy)
+        LOGGER.warning(
+            "job %d delivery to %s failed (attempt %d): %s; now %s",
+            delivery.job_id,
+            delivery.destination,
+            delivery.attempts,
+            error,
+            after.state,
+        )
+        if after.state == "pending":
+            self._wake.set()
+
+    def _attempt(self, delivery: DeliveryView) -> str | None:
+        job = self._repo.get_job(delivery.job_id)
+        if job is None or job.seg_path is None or job.sc_path is None:
+            return f"job {delivery.job_id} has no result files"
+        data_dir = self._settings.node.data_dir
+        paths = [data_dir / job.seg_path, data_dir / job.sc_path]
+        remote = Remote(delivery.ae_title, delivery.host, delivery.port)
+        try:
+            outcomes = store(paths, self._settings.sender_ae_title, remote, self._timeouts)
+        except SendError as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"cannot read result files: {exc}"
+        except Exception as exc:  # any other send failure is retried with backoff
+            LOGGER.exception("job %d: sending to %s failed", delivery.job_id, remote)
+            return f"{type(exc).__name__}: {exc}"
+        refused = [o for o in outcomes if not o.ok]
+        if refused:
+            return "; ".join(
+                f"{remote} answered 0x{o.status:04X} for {o.sop_instance_uid}" for o in refused
+            )
+        return None
