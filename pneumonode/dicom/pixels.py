@@ -1,0 +1,319 @@
+"""Decode a single-frame grayscale radiograph into a display-ready float image in [0, 1].
+
+The pipeline follows the DICOM grayscale rendering chain (PS3.3 C.11, PS3.4 N.2.1):
+
+1. Refuse what the node cannot or must not decode (:class:`PixelError`), checking the header
+   *before* any pixel data is decompressed: no Pixel Data, multi-frame, colour, a pixel matrix
+   larger than ``max_pixels`` (a decompression bomb), or a transfer syntax without an installed
+   decoder.
+2. Decode with pydicom's pixel handlers (pylibjpeg, openjpeg, pyjpegls, Pillow), which apply
+   Bits Stored and Pixel Representation (signed data are sign-extended).
+3. Modality LUT: Rescale Slope/Intercept or a Modality LUT Sequence
+   (:func:`pydicom.pixels.apply_modality_lut`).
+4. VOI, the first that applies:
+
+   * a VOI LUT Sequence (its first item); the output is scaled by the LUT's own minimum and
+     maximum entries, which tolerates LUT Descriptors that declare more bits than the data use;
+   * the first Window Center / Window Width pair, with VOI LUT Function ``LINEAR`` (default),
+     ``LINEAR_EXACT`` or ``SIGMOID`` (PS3.3 C.11.2.1.2), computed directly into [0, 1];
+   * no VOI at all (or a window of invalid width): 8-bit (or fewer) data without a rescale are
+     mapped over their full stored range, ``value / (2**BitsStored - 1)``, the way such images
+     (the SIIM challenge files among them) are displayed and were used for training; anything
+     else gets a robust window between the 0.5th and 99.5th percentiles of the rescaled values.
+
+5. MONOCHROME1 is inverted (``1 - value``) so that 0 is always black on display. Presentation
+   LUT Shape is not applied a second time: for MONOCHROME1 its ``INVERSE`` is that same inversion.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.processing import apply_modality_lut, apply_voi
+
+__all__ = ["DecodedImage", "PixelError", "decode"]
+
+logger = logging.getLogger(__name__)
+
+_GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+_VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+_AUTO_PERCENTILES = (0.5, 99.5)
+_AUTO_SAMPLE_LIMIT = 4_000_000
+
+
+class PixelError(ValueError):
+    """The image cannot be decoded as a single-frame grayscale radiograph.
+
+    The message is the reason a job ends ``skipped``; it names the rule, the offending value and
+    the SOP Instance UID.
+    """
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A radiograph ready for display or inference.
+
+    Attributes
+    ----------
+    image:
+        ``float32`` array of shape (Rows, Columns) in [0, 1]; 0 is black on display, 1 white.
+    pixel_spacing_mm:
+        (row, column) spacing in millimetres from Pixel Spacing, else Imager Pixel Spacing, else
+        None. Values that are not two positive finite numbers count as absent.
+    """
+
+    image: npt.NDArray[np.float32]
+    pixel_spacing_mm: tuple[float, float] | None
+
+    def __post_init__(self) -> None:
+        if self.image.dtype != np.float32 or self.image.ndim != 2:
+            raise ValueError(
+                f"DecodedImage.image must be a 2-D float32 array, got "
+                f"{self.image.dtype} {self.image.shape}"
+            )
+
+    def to_uint8(self) -> npt.NDArray[np.uint8]:
+        """Return the image as 8-bit gray levels (0 black, 255 white).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``uint8`` array of shape (Rows, Columns).
+        """
+        scaled: npt.NDArray[np.float32] = np.rint(np.clip(self.image, 0.0, 1.0) * 255.0)
+        return scaled.astype(np.uint8)
+
+
+def decode(ds: pydicom.Dataset, *, max_pixels: int = 60_000_000) -> DecodedImage:
+    """Decode the pixel data of a single-frame grayscale image into a display-ready image.
+
+    Parameters
+    ----------
+    ds:
+        The received dataset, with its file meta (Transfer Syntax UID).
+    max_pixels:
+        Largest Rows * Columns accepted; checked before anything is decompressed.
+
+    Returns
+    -------
+    DecodedImage
+        The image in [0, 1] (MONOCHROME1 inverted) and the pixel spacing.
+
+    Raises
+    ------
+    PixelError
+        When the dataset has no pixel data, is multi-frame, is not grayscale with one sample per
+        pixel, is larger than ``max_pixels``, or its transfer syntax cannot be decoded.
+    """
+    uid = str(ds.get("SOPInstanceUID", "<no SOP Instance UID>"))
+    _check_header(ds, uid, max_pixels)
+    stored = _decode_stored(ds, uid)
+    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    image = _apply_voi(values, ds, uid)
+    if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
+        image = 1.0 - image
+    return DecodedImage(
+        image=np.clip(image, 0.0, 1.0).astype(np.float32),
+        pixel_spacing_mm=_pixel_spacing(ds),
+    )
+
+
+def _check_header(ds: pydicom.Dataset, uid: str, max_pixels: int) -> None:
+    if "PixelData" not in ds:
+        raise PixelError(f"rule: Pixel Data (7FE0,0010) is required; it is absent (SOP {uid})")
+    frames = _int_or_none(ds.get("NumberOfFrames"))
+    if frames is not None and frames > 1:
+        raise PixelError(
+            f"rule: single-frame images only; NumberOfFrames is {frames} (SOP {uid})"
+        )
+    samples = _int_or_none(ds.get("SamplesPerPixel"))
+    if samples != 1:
+        raise PixelError(f"rule: SamplesPerPixel must be 1; it is {samples} (SOP {uid})")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric not in _GRAYSCALE:
+        raise PixelError(
+            f"rule: PhotometricInterpretation must be MONOCHROME1 or MONOCHROME2; "
+            f"it is {photometric!r} (SOP {uid})"
+        )
+    rows = _int_or_none(ds.get("Rows"))
+    columns = _int_or_none(ds.get("Columns"))
+    if not rows or not columns or rows < 1 or columns < 1:
+        raise PixelError(
+            f"rule: Rows and Columns must be positive; they are {rows} x {columns} (SOP {uid})"
+        )
+    if rows * columns > max_pixels:
+        raise PixelError(
+            f"rule: Rows*Columns must not exceed {max_pixels}; it is {rows}x{columns}="
+            f"{rows * columns} (SOP {uid})"
+        )
+    syntax = _transfer_syntax(ds)
+    if syntax is None:
+        raise PixelError(f"rule: a Transfer Syntax UID is required in the file meta (SOP {uid})")
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError as exc:
+        raise PixelError(
+            f"rule: transfer syntax must be decodable; no decoder for {syntax} (SOP {uid})"
+        ) from exc
+    if not decoder.is_available:
+        raise PixelError(
+            f"rule: transfer syntax must be decodable; no installed plugin decodes "
+            f"{syntax} ({syntax.name}) (SOP {uid})"
+        )
+
+
+def _transfer_syntax(ds: pydicom.Dataset) -> pydicom.uid.UID | None:
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return pydicom.uid.UID(str(meta.TransferSyntaxUID))
+    return None
+
+
+def _decode_stored(ds: pydicom.Dataset, uid: str) -> npt.NDArray[Any]:
+    syntax = _transfer_syntax(ds)
+    if syntax is None:
+        raise PixelError(f"rule: a Transfer Syntax UID is required in the file meta (SOP {uid})")
+    try:
+        array, _ = get_decoder(syntax).as_array(ds, index=0)
+    except (AttributeError, NotImplementedError, OSError, RuntimeError, ValueError) as exc:
+        raise PixelError(
+            f"rule: pixel data must decode; {syntax} ({syntax.name}) failed: {exc} (SOP {uid})"
+        ) from exc
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise PixelError(
+            f"rule: a 2-D pixel matrix is required; decoded shape is {array.shape} (SOP {uid})"
+        )
+    return array
+
+
+def _apply_voi(
+    values: npt.NDArray[np.float64], ds: pydicom.Dataset, uid: str
+) -> npt.NDArray[np.float64]:
+    if ds.get("VOILUTSequence"):
+        return _voi_lut(values, ds)
+    window = _first_window(ds)
+    if window is not None:
+        center, width = window
+        function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper() or "LINEAR"
+        if function not in _VOI_FUNCTIONS:
+            logger.warning(
+                "SOP %s: VOILUTFunction %r is not LINEAR, LINEAR_EXACT or SIGMOID; using LINEAR",
+                uid,
+                function,
+            )
+            function = "LINEAR"
+        if width >= 1.0 or (function != "LINEAR" and width > 0.0):
+            return _window(values, center, width, function)
+        logger.warning(
+            "SOP %s: window width %s is invalid for %s; using an automatic window",
+            uid,
+            width,
+            function,
+        )
+    return _auto_window(values, ds)
+
+
+def _voi_lut(values: npt.NDArray[np.float64], ds: pydicom.Dataset) -> npt.NDArray[np.float64]:
+    item = ds.VOILUTSequence[0]
+    entries_count, first_mapped = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
+    domain = np.arange(first_mapped, first_mapped + entries_count, dtype=np.int64)
+    entries = np.asarray(apply_voi(domain, ds, index=0), dtype=np.float64)
+    indices = np.clip(np.rint(values) - first_mapped, 0, entries_count - 1).astype(np.int64)
+    low, high = float(entries.min()), float(entries.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.float64)
+    mapped: npt.NDArray[np.float64] = (entries[indices] - low) / (high - low)
+    return mapped
+
+
+def _first_window(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    center = _first_number(ds.get("WindowCenter"))
+    width = _first_number(ds.get("WindowWidth"))
+    if center is None or width is None:
+        return None
+    return center, width
+
+
+def _window(
+    values: npt.NDArray[np.float64], center: float, width: float, function: str
+) -> npt.NDArray[np.float64]:
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(np.clip(-4.0 * (values - center) / width, -700.0, 700.0)))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
+    if width == 1.0:
+        return (values > center - 0.5).astype(np.float64)
+    return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
+
+
+def _auto_window(values: npt.NDArray[np.float64], ds: pydicom.Dataset) -> npt.NDArray[np.float64]:
+    bits_stored = _int_or_none(ds.get("BitsStored")) or 0
+    unsigned = _int_or_none(ds.get("PixelRepresentation")) in (0, None)
+    no_rescale = (
+        "ModalityLUTSequence" not in ds
+        and float(ds.get("RescaleSlope", 1.0) or 1.0) == 1.0
+        and float(ds.get("RescaleIntercept", 0.0) or 0.0) == 0.0
+    )
+    if 0 < bits_stored <= 8 and unsigned and no_rescale:
+        return np.clip(values / float(2**bits_stored - 1), 0.0, 1.0)
+    step = max(1, math.isqrt(values.size // _AUTO_SAMPLE_LIMIT + 1))
+    sample = values[::step, ::step]
+    low, high = (float(p) for p in np.percentile(sample, _AUTO_PERCENTILES))
+    if high <= low:
+        low, high = float(sample.min()), float(sample.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.float64)
+    return np.clip((values - low) / (high - low), 0.0, 1.0)
+
+
+def _pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        spacing = _positive_pair(ds.get(keyword))
+        if spacing is not None:
+            return spacing
+    return None
+
+
+def _positive_pair(value: object) -> tuple[float, float] | None:
+    if value is None or isinstance(value, str | bytes):
+        return None
+    try:
+        numbers = [float(v) for v in value]  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return None
+    if len(numbers) != 2 or not all(math.isfinite(v) and v > 0 for v in numbers):
+        return None
+    return numbers[0], numbers[1]
+
+
+def _first_number(value: object) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+        if len(value) == 0:
+            return None
+        value = value[0]
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _int_or_none(value: object) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        number: int = int(value)  # type: ignore[call-overload]
+        return number
+    except (TypeError, ValueError):
+        return None
