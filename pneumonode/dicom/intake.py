@@ -157,9 +157,9 @@ class Intake:
         for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
             value = header.get(keyword)
             if not is_valid_uid(value):
-                reason = f"{keyword} is not a valid UID: {str(value)[:80]!r}"
-                LOGGER.warning("refused instance: %s", reason)
-                return IntakeResult(Status.CANNOT_UNDERSTAND, Outcome.REFUSED, None, reason)
+                refusal = f"{keyword} is not a valid UID: {str(value)[:80]!r}"
+                LOGGER.warning("refused instance: %s", refusal)
+                return IntakeResult(Status.CANNOT_UNDERSTAND, Outcome.REFUSED, None, refusal)
         assert isinstance(sop_uid, str)
         reason = skip_reason(header)
         spool_rel: str | None = None

@@ -8,16 +8,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import pydicom.uid as pduid
-from pydicom.pixels import get_decoder
+from pydicom.pixels.decoders.base import get_decoder
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pneumonode.dicom.intake import Intake, Status
 from pneumonode.settings import Settings
 
 LOGGER = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
 
 #: Storage SOP classes the node accepts: the projection radiography classes and Secondary Capture
 #: (whose Modality must then be CR or DX; SIIM challenge files are such SC objects).
@@ -40,16 +41,16 @@ def decodable_transfer_syntaxes() -> list[str]:
         pduid.DeflatedExplicitVRLittleEndian,
         pduid.ExplicitVRBigEndian,
     ]
-    result = list(preferred)
+    result: list[str] = [str(ts) for ts in preferred]
     for candidate in pduid.AllTransferSyntaxes:
-        if candidate in result:
+        if str(candidate) in result:
             continue
         try:
             decoder = get_decoder(candidate)
         except NotImplementedError:
             continue
         if decoder.is_available:
-            result.append(candidate)
+            result.append(str(candidate))
     return result
 
 
@@ -103,7 +104,7 @@ def build_ae(settings: Settings) -> AE:
     ae.require_called_aet = True
     ae.require_calling_aet = list(node.allowed_calling_aets)
     syntaxes = decodable_transfer_syntaxes()
-    ae.add_supported_context(Verification)
+    ae.add_supported_context(VERIFICATION)
     for sop_class in ACCEPTED_SOP_CLASSES:
         ae.add_supported_context(sop_class, syntaxes)
     return ae
@@ -132,10 +133,12 @@ class DicomServer:
             (evt.EVT_C_STORE, handle_store, [self._intake]),
         ]
         node = self._settings.node
-        self._server = self._ae.start_server(
+        server = self._ae.start_server(
             (node.host, node.port), block=False, evt_handlers=list(handlers)
         )
-        host, port = self._server.server_address[:2]
+        assert server is not None
+        self._server = server
+        host, port = server.server_address[:2]
         LOGGER.info("listening as %s on %s:%d", node.ae_title, host, port)
         return str(host), int(port)
 

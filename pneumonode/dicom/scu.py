@@ -12,9 +12,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification
 
-from pneumonode.dicom.scp import handle_conn_open
+from pneumonode.dicom.scp import VERIFICATION, handle_conn_open
 
 LOGGER = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ def _associate(ae: AE, remote: Remote) -> Association:
 def echo(calling_ae: str, remote: Remote, timeouts: Timeouts = Timeouts()) -> int:
     """Send C-ECHO; returns the status (0 = success). Raises SendError when no answer."""
     ae = _make_ae(calling_ae, timeouts)
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION)
     assoc = _associate(ae, remote)
     try:
         status = assoc.send_c_echo()
