@@ -222,11 +222,11 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
     """Put a failed or skipped job (or its failed deliveries) back in the queue."""
     repo = _repository(_settings(args))
     job = _find(repo, args.job)
-    from pneumonode.queue.repository import StaleTransition
+    from pneumonode.queue.repository import QueueError
 
     try:
         after = repo.retry(job.id)
-    except StaleTransition as exc:
+    except QueueError as exc:
         raise CliError(f"job {job.id} cannot be retried in state {job.state}: {exc}") from exc
     print(f"job {after.id}: {job.state} -> {after.state}")
     return EXIT_OK
