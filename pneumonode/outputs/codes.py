@@ -1,0 +1,32 @@
+"""The coded concepts that pneumonode's result objects carry (SNOMED CT and DICOM codes)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from pydicom.sr.coding import Code
+
+__all__ = [
+    "ARTIFICIAL_INTELLIGENCE",
+    "CHEST",
+    "MORPHOLOGICALLY_ABNORMAL_STRUCTURE",
+    "PNEUMOTHORAX",
+    "PROCESSING_EQUIPMENT",
+]
+
+#: Segmented Property Category (CID 7150): SCT 49755003.
+MORPHOLOGICALLY_ABNORMAL_STRUCTURE: Final = Code(
+    "49755003", "SCT", "Morphologically Abnormal Structure"
+)
+
+#: Segmented Property Type: SCT 36118008.
+PNEUMOTHORAX: Final = Code("36118008", "SCT", "Pneumothorax")
+
+#: Algorithm Family (CID 7162 "Surface Processing Algorithm Families"): DCM 123110.
+ARTIFICIAL_INTELLIGENCE: Final = Code("123110", "DCM", "Artificial Intelligence")
+
+#: Anatomic region of the segment (CID 4031 "Common Anatomic Regions"): SCT 816094009.
+CHEST: Final = Code("816094009", "SCT", "Chest")
+
+#: Purpose of Reference of the AI model in the Contributing Equipment Sequence (CID 7005).
+PROCESSING_EQUIPMENT: Final = Code("109102", "DCM", "Processing Equipment")
