@@ -13,7 +13,8 @@ The pipeline follows the DICOM grayscale rendering chain (PS3.3 C.11, PS3.4 N.2.
 4. VOI, the first that applies:
 
    * a VOI LUT Sequence (its first item); the output is scaled by the LUT's own minimum and
-     maximum entries, which tolerates LUT Descriptors that declare more bits than the data use;
+     maximum entries, which tolerates LUT Descriptors that declare more bits than the data use
+     (a malformed LUT is logged and skipped);
    * the first Window Center / Window Width pair, with VOI LUT Function ``LINEAR`` (default),
      ``LINEAR_EXACT`` or ``SIGMOID`` (PS3.3 C.11.2.1.2), computed directly into [0, 1];
    * no VOI at all (or a window of invalid width): 8-bit (or fewer) data without a rescale are
@@ -199,7 +200,14 @@ def _apply_voi(
     values: npt.NDArray[np.float64], ds: pydicom.Dataset, uid: str
 ) -> npt.NDArray[np.float64]:
     if ds.get("VOILUTSequence"):
-        return _voi_lut(values, ds)
+        try:
+            return _voi_lut(values, ds)
+        except (AttributeError, IndexError, KeyError, NotImplementedError, ValueError) as exc:
+            logger.warning(
+                "SOP %s: VOI LUT Sequence unusable (%s); using the window or an automatic one",
+                uid,
+                exc,
+            )
     window = _first_window(ds)
     if window is not None:
         center, width = window

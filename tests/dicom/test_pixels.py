@@ -78,6 +78,17 @@ def test_voi_lut_sequence_wins_over_the_window(tmp_path: Path) -> None:
     np.testing.assert_allclose(decoded.image, expected, atol=1e-6)
 
 
+def test_malformed_voi_lut_falls_back_to_the_window(caplog: pytest.LogCaptureFixture) -> None:
+    ds = synthetic.make_radiograph(rows=32, columns=32, bits_stored=12)
+    windowed = decode(ds).image
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 9]  # 9 bits per entry is not allowed
+    item.add_new("LUTData", "US", list(range(4096)))
+    ds.VOILUTSequence = [item]
+    np.testing.assert_array_equal(decode(ds).image, windowed)
+    assert any("VOI LUT Sequence unusable" in r.getMessage() for r in caplog.records)
+
+
 def test_monochrome1_16bit_dx_is_inverted_so_lungs_are_dark() -> None:
     m1 = synthetic.make_dx_monochrome1_16bit(rows=128, columns=128)
     m2 = synthetic.make_radiograph(rows=128, columns=128, bits_stored=16, seed=16)
