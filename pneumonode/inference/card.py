@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 CARD_FILE = "model_card.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 _UID_CHARS = set("0123456789.")
 
 
