@@ -50,8 +50,8 @@ def test_every_lossless_syntax_is_accepted_and_spooled_as_received(
 ) -> None:
     port, repo, data_dir = listener
     files = []
-    syntaxes = [*synthetic.LOSSLESS_SYNTAXES, DeflatedExplicitVRLittleEndian,
-                ImplicitVRLittleEndian]
+    syntaxes = list(dict.fromkeys([*synthetic.LOSSLESS_SYNTAXES, DeflatedExplicitVRLittleEndian,
+                                   ImplicitVRLittleEndian]))
     for i, syntax in enumerate(syntaxes):
         ds = synthetic.make_radiograph(rows=64, columns=64, seed=100 + i)
         if syntax == ImplicitVRLittleEndian:
