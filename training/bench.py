@@ -93,7 +93,7 @@ def bench_epoch(
     y = (rng.random((batch, spec.input_size, spec.input_size, 1)) > 0.9).astype(np.float32)
     with data_parallel(distributed) as replicas:
         model = build_model(spec)
-        compile_model(model, recipe.train.lr)
+        compile_model(model, recipe.train.lr, recipe.train.jit_compile)
         for _ in range(warmup):
             model.train_on_batch(x, y)
             model.predict_on_batch(x)

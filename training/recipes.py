@@ -101,6 +101,9 @@ class Train(_Strict):
     seed: int = 42
     augment: bool = True
     workers: int = Field(default=1, ge=1, description="PyDataset loader threads")
+    jit_compile: bool | Literal["auto"] = Field(
+        default="auto", description="XLA compilation (fast on GPUs; slow to compile on CPUs)"
+    )
 
 
 class Evaluation(_Strict):

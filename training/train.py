@@ -63,10 +63,13 @@ def build_model(spec: ModelSpec, encoder_weights: Path | None = None) -> keras.M
     )
 
 
-def compile_model(model: keras.Model, lr: float) -> None:
+def compile_model(model: keras.Model, lr: float, jit_compile: bool | str = "auto") -> None:
     """Adam, BCE + soft Dice, and the batch Dice as a progress metric."""
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=lr), loss=bce_dice_loss, metrics=[hard_dice]
+        optimizer=keras.optimizers.Adam(learning_rate=lr),
+        loss=bce_dice_loss,
+        metrics=[hard_dice],
+        jit_compile=jit_compile,
     )
 
 
@@ -168,7 +171,7 @@ def train(
     start = time.monotonic()
     with data_parallel(distributed) as replicas:
         model = build_model(recipe.model, encoder_weights)
-        compile_model(model, recipe.train.lr)
+        compile_model(model, recipe.train.lr, recipe.train.jit_compile)
         validation = ValidationDice(val_data)
         untrained = validation.score(model)[1]
         logger.info("untrained validation challenge Dice: %.4f", untrained)

@@ -1,0 +1,131 @@
+"""The smoke recipe end to end on CPU: train, evaluate, export, serve with the node, submit."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pneumonode.inference.package import load_package
+from pneumonode.inference.predictor import Predictor
+from training.__main__ import main
+from training.phantoms import make_phantom
+from training.rle import RleFormat, decode
+from training.run import EvaluationRecord, RunInfo
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    runs = tmp_path_factory.mktemp("runs")
+    run_dir = runs / "smoke-test"
+    start = time.monotonic()
+    status = main(["reproduce", "--recipe", "smoke", "--run-dir", str(run_dir), "--quiet"])
+    assert status == 0
+    return run_dir, time.monotonic() - start
+
+
+def test_smoke_training_beats_the_untrained_model_within_three_minutes(
+    smoke_run: tuple[Path, float],
+) -> None:
+    run_dir, seconds = smoke_run
+    info = RunInfo.load(run_dir)
+    evaluation = EvaluationRecord.load(run_dir)
+    assert evaluation is not None
+    trained = evaluation.scores["challenge_dice_default"]
+    tuned = evaluation.scores["challenge_dice"]
+    print(
+        f"\nsmoke: untrained validation Dice {info.untrained_val_dice:.4f}, trained "
+        f"{trained:.4f} (ensemble + TTA, 0.5), {tuned:.4f} tuned; training {info.seconds:.0f} s, "
+        f"train + evaluate + export {seconds:.0f} s"
+    )
+    assert info.seconds < 180
+    # An all-empty prediction scores 0.5 here (half of the phantoms are negative).
+    assert trained > 0.6
+    assert trained > info.untrained_val_dice + 0.3
+    assert tuned >= trained
+    assert info.members == ["snapshot_1.keras", "snapshot_2.keras", "swa.keras"]
+    assert info.snapshot_epochs == [5, 11]
+    for name in ("history.csv", "curves.png", "lr_schedule.png", "swa.keras"):
+        assert (run_dir / name).is_file(), name
+    with (run_dir / "history.csv").open() as handle:
+        history = list(csv.DictReader(handle))
+    assert len(history) == 12
+    assert float(history[0]["lr"]) == pytest.approx(3e-3)
+    assert float(history[6]["lr"]) == pytest.approx(3e-3)  # warm restart after snapshot 1
+    table = (run_dir.parent / "results.md").read_text()
+    assert "smoke-test" in table and "0.8222" in table
+
+
+def test_exported_package_is_served_by_the_node(smoke_run: tuple[Path, float]) -> None:
+    run_dir, _ = smoke_run
+    package = run_dir / "export"
+    loaded = load_package(package)
+    card = loaded.card
+    evaluation = EvaluationRecord.load(run_dir)
+    assert evaluation is not None
+    assert card.members == ["snapshot_1.keras", "snapshot_2.keras", "swa.keras"]
+    assert len(loaded.members) == 3
+    assert card.thresholds == evaluation.thresholds
+    assert card.validation["challenge_dice"] == pytest.approx(evaluation.scores["challenge_dice"])
+    assert card.demo and card.input.size == 64 and card.tta.hflip
+    predictor = Predictor.load(package)
+    hits = 0
+    for index in range(6):
+        image, mask = make_phantom(np.random.default_rng([99, index]), 128, positive=True)
+        (finding,) = predictor.analyse([image], [(0.2, 0.2)])
+        assert finding.mask.shape == (128, 128)
+        inter = np.count_nonzero(finding.mask & mask)
+        hits += inter > 0.3 * np.count_nonzero(mask)
+    assert hits >= 4
+
+
+def test_submission_csv_for_a_test_folder(smoke_run: tuple[Path, float], tmp_path: Path) -> None:
+    run_dir, _ = smoke_run
+    folder = tmp_path / "test-images"
+    folder.mkdir()
+    masks = {}
+    for index in range(4):
+        image, mask = make_phantom(np.random.default_rng([123, index]), 128, positive=index < 2)
+        cv2.imwrite(str(folder / f"case{index}.png"), np.rint(image * 255).astype(np.uint8))
+        masks[f"case{index}"] = mask
+    out = tmp_path / "submission.csv"
+    status = main(
+        [
+            "submit",
+            "--package",
+            str(run_dir / "export"),
+            "--images",
+            str(folder),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert status == 0
+    with out.open() as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["ImageId", "EncodedPixels"]
+    assert sorted(r[0] for r in rows[1:]) == sorted(masks)
+    for image_id, rle in rows[1:]:
+        predicted = decode(rle, (128, 128), RleFormat.RELATIVE)
+        if image_id in ("case0", "case1"):
+            assert np.count_nonzero(predicted & masks[image_id]) > 0
+
+
+def test_export_command_writes_a_member_subset(
+    smoke_run: tuple[Path, float], tmp_path: Path
+) -> None:
+    run_dir, _ = smoke_run
+    out = tmp_path / "swa-only"
+    assert main(["export", str(run_dir), "--out", str(out), "--members", "swa.keras"]) == 0
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["members"] == ["swa.keras"]
+    assert len(load_package(out).members) == 1
+    assert main(["export", str(run_dir), "--out", str(out), "--members", "nope.keras"]) == 1
