@@ -1,8 +1,15 @@
-"""Fixtures shared by all tests: real test data beside the repository, the dciodvfy validator."""
+"""Fixtures shared by all tests: real test data, the dciodvfy validator, a throwaway PostgreSQL."""
 
 from __future__ import annotations
 
+import os
+import pwd
+import re
 import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,3 +33,106 @@ def dciodvfy() -> Path:
     if exe is None:
         pytest.skip("dciodvfy not installed (Debian package dicom3tools)")
     return Path(exe)
+
+
+def _pg_bindir() -> Path | None:
+    """Where initdb and pg_ctl live: on PATH, else Debian's newest /usr/lib/postgresql/N/bin."""
+    on_path = shutil.which("pg_ctl")
+    if on_path is not None and shutil.which("initdb") is not None:
+        return Path(on_path).parent
+    candidates = []
+    for bindir in Path("/usr/lib/postgresql").glob("*/bin"):
+        version = bindir.parent.name
+        if re.fullmatch(r"\d+", version) and (bindir / "initdb").is_file():
+            candidates.append((int(version), bindir))
+    return max(candidates)[1] if candidates else None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """Start a throwaway PostgreSQL cluster on a free loopback port; yield its URL."""
+    bindir = _pg_bindir()
+    if bindir is None:
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or under "
+            "/usr/lib/postgresql/*/bin: install Debian's postgresql to run the queue suite "
+            "against PostgreSQL"
+        )
+    run_as: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="pneumonode-pg-"))
+    if os.geteuid() == 0:
+        try:
+            account = pwd.getpwnam("postgres")
+        except KeyError:
+            shutil.rmtree(root)
+            pytest.skip("running as root and there is no 'postgres' user to run the server as")
+        if shutil.which("runuser") is None:
+            shutil.rmtree(root)
+            pytest.skip("running as root and runuser is missing to start the server as postgres")
+        os.chown(root, account.pw_uid, account.pw_gid)
+        run_as = ["runuser", "-u", "postgres", "--"]
+    data = root / "data"
+    subprocess.run(
+        [
+            *run_as,
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    port = 0
+    for _ in range(5):
+        port = _free_port()
+        options = (
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=60"
+        )
+        started = subprocess.run(
+            [
+                *run_as,
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(root / "server.log"),
+                "-o",
+                options,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if started.returncode == 0:
+            break
+    else:
+        log = (root / "server.log").read_text(errors="replace")[-2000:]
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"PostgreSQL did not start: {started.stderr}\n{log}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(
+            [*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+        )
+        shutil.rmtree(root, ignore_errors=True)
