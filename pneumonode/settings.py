@@ -145,6 +145,23 @@ class Peer(_Section):
     port: Port
 
 
+class MetricsSettings(_Section):
+    """[metrics]: the HTTP endpoint with Prometheus ``/metrics`` and ``/healthz``."""
+
+    enabled: bool = Field(default=True, description="Serve /metrics and /healthz over HTTP")
+    host: str = Field(default="127.0.0.1", min_length=1, description="Address to listen on")
+    port: Port = Field(default=9108, description="TCP port for HTTP")
+
+
+class RetentionSettings(_Section):
+    """[retention]: how long finished jobs, their spool files and results are kept."""
+
+    days: int = Field(
+        default=30, ge=0, le=36_500, description="Days after a job ends; 0 = keep forever"
+    )
+    interval_s: float = Field(default=3600.0, gt=0, description="How often the purge runs")
+
+
 class Settings(BaseSettings):
     """The whole configuration. Build it with :func:`load_settings`."""
 
@@ -160,6 +177,8 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()
     delivery: DeliverySettings = DeliverySettings()
+    metrics: MetricsSettings = MetricsSettings()
+    retention: RetentionSettings = RetentionSettings()
     destinations: list[Destination] = Field(default_factory=list)
     peers: list[Peer] = Field(default_factory=list)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import PurePosixPath, PureWindowsPath
@@ -15,6 +15,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     and_,
+    delete,
     exists,
     func,
     insert,
@@ -53,6 +54,7 @@ _DELIVERIES = Delivery.metadata.tables[Delivery.__tablename__]
 _EVENTS = JobEvent.metadata.tables[JobEvent.__tablename__]
 
 _TERMINAL_DELIVERY_STATES = (DeliveryState.DONE, DeliveryState.FAILED)
+_FINISHED_JOB_STATES = (JobState.DONE, JobState.SKIPPED, JobState.FAILED)
 
 _ViewT = TypeVar("_ViewT")
 
@@ -1200,6 +1202,100 @@ class JobRepository:
                 if delivery_due is not None:
                     candidates.append(delivery_due)
         return max(min(candidates), at) if candidates else None
+
+    def oldest_unfinished_received_at(self) -> datetime | None:
+        """When the oldest job that is not yet done, skipped or failed was received, or None."""
+        with read_transaction(self._engine) as conn:
+            oldest: datetime | None = conn.execute(
+                select(func.min(_JOBS.c.received_at)).where(
+                    _JOBS.c.state.not_in(_FINISHED_JOB_STATES)
+                )
+            ).scalar_one_or_none()
+        return oldest
+
+    def purge_finished(
+        self,
+        finished_before: datetime,
+        limit: int = 100,
+        before_delete: Callable[[Sequence[JobView]], None] | None = None,
+    ) -> list[JobView]:
+        """Delete finished jobs that ended before a cutoff, with their deliveries and events.
+
+        A job qualifies when it is ``done``, ``skipped`` or ``failed``, its last transition
+        (``updated_at``) is before ``finished_before``, and none of its deliveries is
+        ``pending`` or ``sending``: a job is never purged while a delivery may still happen.
+
+        Parameters
+        ----------
+        finished_before:
+            The cutoff: now minus the retention period.
+        limit:
+            The most jobs deleted in this one transaction (>= 1).
+        before_delete:
+            Called inside the transaction with the jobs about to be deleted, to remove their
+            files first. When it raises, nothing is deleted and the exception propagates; a
+            crash after it leaves rows whose files are gone, deleted by the next purge.
+
+        Returns
+        -------
+        list of JobView
+            The deleted jobs, oldest first; fewer than ``limit`` means none is left.
+        """
+        cutoff = _utc(finished_before)
+        _check_limit(limit)
+        unfinished_delivery = exists(
+            select(_DELIVERIES.c.id).where(
+                _DELIVERIES.c.job_id == _JOBS.c.id,
+                _DELIVERIES.c.state.not_in(_TERMINAL_DELIVERY_STATES),
+            )
+        )
+        with write_transaction(self._engine) as conn:
+            jobs = self._job_views(
+                conn,
+                and_(
+                    _JOBS.c.state.in_(_FINISHED_JOB_STATES),
+                    _JOBS.c.updated_at < cutoff,
+                    ~unfinished_delivery,
+                ),
+                order=_JOBS.c.id,
+                limit=limit,
+                skip_locked=True,
+            )
+            if not jobs:
+                return []
+            if before_delete is not None:
+                before_delete(jobs)
+            ids = [job.id for job in jobs]
+            conn.execute(delete(_EVENTS).where(_EVENTS.c.job_id.in_(ids)))
+            conn.execute(delete(_DELIVERIES).where(_DELIVERIES.c.job_id.in_(ids)))
+            result = conn.execute(
+                delete(_JOBS).where(
+                    _JOBS.c.id.in_(ids),
+                    _JOBS.c.state.in_(_FINISHED_JOB_STATES),
+                    _JOBS.c.updated_at < cutoff,
+                )
+            )
+            if result.rowcount != len(ids):
+                raise StaleTransition(
+                    f"jobs {ids}: purge expected {len(ids)} finished rows, deleted "
+                    f"{result.rowcount}"
+                )
+        logger.info("purged %d finished jobs (ended before %s)", len(jobs), cutoff.isoformat())
+        return jobs
+
+    def referenced_paths(self, paths: Sequence[str]) -> set[str]:
+        """Which of these data-folder paths a job still refers to (spool, SEG or overlay)."""
+        found: set[str] = set()
+        wanted = list(dict.fromkeys(paths))
+        with read_transaction(self._engine) as conn:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                for column in (_JOBS.c.spool_path, _JOBS.c.seg_path, _JOBS.c.sc_path):
+                    found.update(
+                        str(value)
+                        for value in conn.execute(select(column).where(column.in_(chunk))).scalars()
+                    )
+        return found
 
     def _find_job_id(self, sop_instance_uid: str) -> int | None:
         with read_transaction(self._engine) as conn:

@@ -1,0 +1,1 @@
+"""Alembic migrations of the queue database (SQLite and PostgreSQL); run them with migrate.py."""
