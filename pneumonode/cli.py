@@ -1,4 +1,4 @@
-"""Command line: serve, echo, send, jobs, config and model commands."""
+"""Command line: serve, status, echo, send, jobs, db, config and model commands."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_MODEL = 3
 EXIT_NETWORK = 4
+EXIT_DATABASE = 5
+
+HEALTH_TIMEOUT_S = 5.0
+"""How long ``pneumonode status`` waits for the node's /healthz."""
 
 
 class CliError(Exception):
@@ -53,13 +57,23 @@ def _configure_logging(level: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the node in the foreground until SIGTERM/SIGINT."""
     settings = _settings(args)
+    from sqlalchemy.exc import SQLAlchemyError
+
     from pneumonode.inference.package import ModelPackageError
+    from pneumonode.queue.migrate import SchemaError
     from pneumonode.service import serve
 
+    def reload() -> Settings:
+        return load_settings(args.config)
+
     try:
-        return serve(settings)
+        return serve(settings, loader=reload)
     except ModelPackageError as exc:
         raise CliError(f"cannot load model: {exc}", EXIT_MODEL) from exc
+    except SchemaError as exc:
+        raise CliError(str(exc), EXIT_DATABASE) from exc
+    except SQLAlchemyError as exc:
+        raise CliError(_database_error(settings, exc), EXIT_DATABASE) from exc
     except OSError as exc:
         node = settings.node
         if exc.errno == errno.EADDRINUSE:
@@ -141,12 +155,37 @@ def cmd_send(args: argparse.Namespace) -> int:
     return EXIT_OK if failures == 0 else EXIT_FAILURE
 
 
+def _database_error(settings: Settings, exc: Exception) -> str:
+    from sqlalchemy.engine import make_url
+
+    shown = make_url(settings.database_url).render_as_string(hide_password=True)
+    cause = getattr(exc, "orig", None) or exc
+    first = (str(cause).strip().splitlines() or [type(exc).__name__])[0]
+    return f"database {shown}: {first}"
+
+
+def _engine(settings: Settings) -> Any:
+    from pneumonode.queue.db import make_engine
+
+    try:
+        return make_engine(settings.database_url)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_CONFIG) from exc
+
+
 def _repository(settings: Settings) -> Any:
-    from pneumonode.queue.db import create_schema, make_engine
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from pneumonode.queue.migrate import SchemaError, prepare_schema
     from pneumonode.queue.repository import JobRepository
 
-    engine = make_engine(settings.database_url)
-    create_schema(engine)
+    engine = _engine(settings)
+    try:
+        prepare_schema(engine)
+    except SchemaError as exc:
+        raise CliError(str(exc), EXIT_DATABASE) from exc
+    except SQLAlchemyError as exc:
+        raise CliError(_database_error(settings, exc), EXIT_DATABASE) from exc
     return JobRepository(engine)
 
 
@@ -232,6 +271,135 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    """Migrate the job database to the newest schema (or print the SQL with --sql)."""
+    settings = _settings(args)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from pneumonode.queue import migrate
+
+    if args.sql:
+        print(migrate.upgrade_sql(settings.database_url, args.revision), end="")
+        return EXIT_OK
+    engine = _engine(settings)
+    try:
+        result = migrate.upgrade(engine, args.revision)
+    except SQLAlchemyError as exc:
+        raise CliError(_database_error(settings, exc), EXIT_DATABASE) from exc
+    finally:
+        engine.dispose()
+    if result.adopted:
+        print(f"adopted an unversioned schema as revision {migrate.INITIAL_REVISION}")
+    if result.before == result.after:
+        print(f"database already at revision {result.after}")
+    else:
+        print(f"database upgraded from {result.before or '(empty)'} to {result.after}")
+    return EXIT_OK
+
+
+def cmd_db_current(args: argparse.Namespace) -> int:
+    """Print the database's schema revision and the newest one this pneumonode has."""
+    settings = _settings(args)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from pneumonode.queue import migrate
+
+    engine = _engine(settings)
+    try:
+        current = migrate.current_revision(engine)
+    except SQLAlchemyError as exc:
+        raise CliError(_database_error(settings, exc), EXIT_DATABASE) from exc
+    finally:
+        engine.dispose()
+    head = migrate.head_revision()
+    print(f"current: {current or '(empty, never migrated)'}")
+    print(f"head:    {head}")
+    if current != head:
+        print("run `pneumonode db upgrade` to migrate")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _fetch_health(settings: Settings) -> tuple[str, dict[str, Any] | None]:
+    """The node's /healthz answer: (where, JSON) or (where, None) with the reason in where."""
+    import urllib.error
+    import urllib.request
+
+    host = settings.metrics.host
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{settings.metrics.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT_S) as response:
+            return url, dict(json.loads(response.read()))
+    except urllib.error.HTTPError as exc:
+        try:
+            return url, dict(json.loads(exc.read()))
+        except ValueError:
+            return f"{url} answered HTTP {exc.code}", None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return f"{url} not reachable ({reason})", None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The node at a glance: health from /healthz, jobs and deliveries from the database."""
+    settings = _settings(args)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    report: dict[str, Any] = {}
+    if settings.metrics.enabled:
+        where, health = _fetch_health(settings)
+        report["health_url"] = where
+        report["health"] = health
+    else:
+        report["health_url"] = "disabled ([metrics] enabled = false)"
+        report["health"] = None
+    engine = _engine(settings)
+    try:
+        from pneumonode.queue.repository import JobRepository
+
+        repo = JobRepository(engine)
+        report["jobs"] = repo.counts_by_state()
+        report["deliveries"] = repo.delivery_counts_by_state()
+        oldest = repo.oldest_unfinished_received_at()
+        report["oldest_unfinished_received_at"] = oldest
+        report["database"] = "ok"
+    except SQLAlchemyError as exc:
+        report["database"] = _database_error(settings, exc)
+    finally:
+        engine.dispose()
+    healthy = report["health"] is not None and report["health"].get("status") == "ok"
+    code = EXIT_OK if healthy and report["database"] == "ok" else EXIT_FAILURE
+    if args.json:
+        print(json.dumps(report, default=str, indent=2))
+        return code
+    health = report["health"]
+    if health is None:
+        print(f"node:        unknown: {report['health_url']}")
+    else:
+        print(f"node:        {health.get('status')} ({report['health_url']})")
+        for reason in health.get("reasons", []):
+            print(f"             - {reason}")
+        details = health.get("details", {})
+        if details:
+            print(
+                f"             AE {details.get('ae_title')} on {details.get('dicom')}, "
+                f"{details.get('workers')} workers, {details.get('senders')} senders"
+            )
+    if report["database"] != "ok":
+        print(f"database:    {report['database']}")
+        return code
+    jobs, deliveries = report["jobs"], report["deliveries"]
+    print("jobs:        " + "  ".join(f"{k} {v}" for k, v in jobs.items()))
+    print("deliveries:  " + "  ".join(f"{k} {v}" for k, v in deliveries.items()))
+    waiting = f"{jobs['received']} images waiting, {deliveries['pending']} deliveries pending"
+    if oldest is not None:
+        waiting += f"; oldest unfinished job received {_fmt(oldest)}"
+    print(f"queue:       {waiting}")
+    return code
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     """Validate the configuration and the model card; print the effective settings."""
     settings = _settings(args)
@@ -293,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("serve", cmd_serve, "run the node (listener, workers, senders)")
+    status = add("status", cmd_status, "health, jobs and deliveries at a glance")
+    status.add_argument("--json", action="store_true")
 
     def remote_args(p: argparse.ArgumentParser, host_positional: bool) -> None:
         if host_positional:
@@ -323,6 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     retry = add("retry", cmd_jobs_retry, "requeue a failed or skipped job", jobs)
     retry.add_argument("job", help="job id or SOP Instance UID")
+
+    db = sub.add_parser("db", help="job database schema").add_subparsers(
+        dest="db_command", required=True
+    )
+    upgrade = add("upgrade", cmd_db_upgrade, "migrate the job database to the newest schema", db)
+    upgrade.add_argument("--revision", default="head", help="target revision (default: head)")
+    upgrade.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
+    add("current", cmd_db_current, "print the schema revision of the job database", db)
 
     config = sub.add_parser("config", help="configuration").add_subparsers(
         dest="config_command", required=True

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from datetime import UTC, datetime
 
 from pneumonode.dicom.scu import Remote, SendError, Timeouts, store
+from pneumonode.dicom.tls import TlsError, client_context
+from pneumonode.observer import NodeObserver, NullObserver
 from pneumonode.queue.repository import DeliveryView, JobRepository
 from pneumonode.queue.retry import RetryPolicy
 from pneumonode.settings import Settings
@@ -14,8 +17,41 @@ from pneumonode.settings import Settings
 LOGGER = logging.getLogger(__name__)
 
 
+def configured_remote(settings: Settings, destination: str) -> Remote | None:
+    """The address ``settings`` give a delivery's destination name, or None when not configured.
+
+    ``peer:AE`` names (return to sender) are looked up in ``[[peers]]``, others in
+    ``[[destinations]]``.
+    """
+    if destination.startswith("peer:"):
+        peer = settings.peer(destination.removeprefix("peer:"))
+        return None if peer is None else Remote(peer.ae_title, peer.host, peer.port)
+    for configured in settings.destinations:
+        if configured.name == destination:
+            return Remote(configured.ae_title, configured.host, configured.port)
+    return None
+
+
+def uses_tls(settings: Settings, destination: str) -> bool:
+    """Whether deliveries to ``destination`` (``[[destinations]]`` name or ``peer:AE``) use TLS."""
+    if destination.startswith("peer:"):
+        peer = settings.peer(destination.removeprefix("peer:"))
+        return peer is not None and peer.tls
+    return any(d.tls for d in settings.destinations if d.name == destination)
+
+
+def _tls_needed(settings: Settings) -> bool:
+    return any(d.tls for d in settings.destinations) or any(p.tls for p in settings.peers)
+
+
 class Sender:
-    """One sending thread; several may run, per-destination order is kept by the repository."""
+    """One sending thread; several may run, per-destination order is kept by the repository.
+
+    Raises
+    ------
+    pneumonode.dicom.tls.TlsError
+        When a destination or peer uses TLS and the ``[tls]`` files cannot be used.
+    """
 
     def __init__(
         self,
@@ -23,8 +59,10 @@ class Sender:
         repository: JobRepository,
         sender_id: str,
         wake: threading.Event,
+        observer: NodeObserver | None = None,
     ) -> None:
         self._settings = settings
+        self._observer: NodeObserver = observer or NullObserver()
         self._repo = repository
         self.sender_id = sender_id
         self._wake = wake
@@ -39,6 +77,22 @@ class Sender:
         )
         self._in_hand: set[int] = set()
         self._lock = threading.Lock()
+        self._tls = (settings.tls, client_context(settings.tls) if _tls_needed(settings) else None)
+
+    def _tls_for(self, settings: Settings, destination: str) -> ssl.SSLContext | None:
+        """The client TLS context for a destination, rebuilt when reloaded ``[tls]`` changed."""
+        if not uses_tls(settings, destination):
+            return None
+        cfg, context = self._tls
+        if context is None or cfg != settings.tls:
+            context = client_context(settings.tls)
+            self._tls = (settings.tls, context)
+        return context
+
+    def reload(self, settings: Settings) -> None:
+        """Send to the destination addresses of these settings from the next send on."""
+        with self._lock:
+            self._settings = settings
 
     def beat(self) -> None:
         """Refresh the heartbeat of the deliveries in hand."""
@@ -76,9 +130,11 @@ class Sender:
                 self._in_hand.discard(delivery.id)
         if error is None:
             self._repo.delivery_succeeded(delivery.id, self.sender_id)
+            self._observer.delivered(delivery.destination, delivery.job_id)
             LOGGER.info("job %d delivered to %s", delivery.job_id, delivery.destination)
             return
         after = self._repo.delivery_failed(delivery.id, self.sender_id, error, self._policy)
+        self._observer.delivery_failed(delivery.destination, final=after.state == "failed")
         LOGGER.warning(
             "job %d delivery to %s failed (attempt %d): %s; now %s",
             delivery.job_id,
@@ -96,9 +152,15 @@ class Sender:
             return f"job {delivery.job_id} has no result files"
         data_dir = self._settings.node.data_dir
         paths = [data_dir / job.seg_path, data_dir / job.sc_path]
-        remote = Remote(delivery.ae_title, delivery.host, delivery.port)
+        remote = self._remote(delivery)
+        with self._lock:
+            settings = self._settings
         try:
-            outcomes = store(paths, self._settings.sender_ae_title, remote, self._timeouts)
+            tls = self._tls_for(settings, delivery.destination)
+        except TlsError as exc:
+            return f"cannot use TLS for {remote}: {exc}"
+        try:
+            outcomes = store(paths, settings.sender_ae_title, remote, self._timeouts, tls=tls)
         except SendError as exc:
             return str(exc)
         except OSError as exc:
@@ -112,3 +174,23 @@ class Sender:
                 f"{remote} answered 0x{o.status:04X} for {o.sop_instance_uid}" for o in refused
             )
         return None
+
+    def _remote(self, delivery: DeliveryView) -> Remote:
+        """The destination's address in the settings in force, else the one recorded.
+
+        After a reload (SIGHUP) that moved a destination, queued results follow it.
+        """
+        with self._lock:
+            settings = self._settings
+        recorded = Remote(delivery.ae_title, delivery.host, delivery.port)
+        current = configured_remote(settings, delivery.destination)
+        if current is None or current == recorded:
+            return recorded
+        LOGGER.info(
+            "job %d: destination %s is now configured at %s (queued for %s)",
+            delivery.job_id,
+            delivery.destination,
+            current,
+            recorded,
+        )
+        return current

@@ -1,4 +1,4 @@
-"""Wires the node together: listener, workers, senders, scheduler; signals and clean shutdown."""
+"""Wires the node together: listener, workers, senders, scheduler, metrics; signals and shutdown."""
 
 from __future__ import annotations
 
@@ -7,23 +7,38 @@ import os
 import signal
 import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom.dataset import Dataset
+from sqlalchemy import Engine
 
 from pneumonode import systemd
-from pneumonode.dicom.intake import Intake
+from pneumonode.dicom.intake import Intake, IntakeResult
 from pneumonode.dicom.scp import DicomServer
+from pneumonode.health import Health, database_problem
+from pneumonode.http import HttpEndpoint
 from pneumonode.inference.predictor import Predictor
-from pneumonode.queue.db import create_schema, make_engine
+from pneumonode.metrics import NodeMetrics
+from pneumonode.observer import NodeObserver
+from pneumonode.queue import migrate
+from pneumonode.queue.db import make_engine
 from pneumonode.queue.repository import JobRepository
+from pneumonode.retention import PurgeReport
 from pneumonode.scheduler import build_scheduler
 from pneumonode.sender import Sender
-from pneumonode.settings import Settings
+from pneumonode.settings import ConfigError, Settings
 from pneumonode.worker import Worker
 
 LOGGER = logging.getLogger(__name__)
+
+RELOADABLE = ("destinations", "peers")
+"""Top-level settings that SIGHUP applies without a restart."""
 
 
 @dataclass
@@ -32,64 +47,151 @@ class _Threads:
     threads: list[threading.Thread] = field(default_factory=list)
 
 
-class Node:
-    """A running pneumonode: build with settings, then :meth:`start` and :meth:`stop`."""
+class _ObservedIntake(Intake):
+    """Intake that reports every answered C-STORE to the node's observer."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        repository: JobRepository,
+        on_queued: Callable[[], None],
+        observer: NodeObserver,
+    ) -> None:
+        super().__init__(data_dir, repository, on_queued=on_queued)
+        self._observer = observer
+
+    def receive(
+        self, header: Dataset, encoded: bytes, calling_aet: str, peer_host: str | None
+    ) -> IntakeResult:
+        """Store one instance (see :meth:`Intake.receive`) and count the outcome."""
+        outcome = "error"
+        try:
+            result = super().receive(header, encoded, calling_aet, peer_host)
+            outcome = result.outcome.name.lower()
+            return result
+        finally:
+            self._observer.image_received(outcome)
+
+
+class Node:
+    """A running pneumonode: build with settings, then :meth:`start` and :meth:`stop`.
+
+    Parameters
+    ----------
+    settings:
+        The configuration.
+    clock:
+        The current time for retention; tests inject one.
+    """
+
+    def __init__(self, settings: Settings, clock: Callable[[], datetime] | None = None) -> None:
         self.settings = settings
+        self._clock = clock
         self._work = _Threads()
         self._send = _Threads()
         self._job_wake = threading.Event()
         self._send_wake = threading.Event()
+        self._lock = threading.Lock()
         self._server: DicomServer | None = None
         self._scheduler: BackgroundScheduler | None = None
+        self._http: HttpEndpoint | None = None
+        self._engine: Engine | None = None
+        self._workers: list[Worker] = []
+        self._senders: list[Sender] = []
+        self._listening = False
+        self._stopping = False
         self.address: tuple[str, int] | None = None
+        self.http_address: tuple[str, int] | None = None
         self.repository: JobRepository | None = None
+        self.metrics: NodeMetrics | None = None
 
     def start(self) -> tuple[str, int]:
-        """Load the model, open the database, start listening and working.
+        """Load the model, open and migrate the database, start listening and working.
 
         Raises
         ------
         pneumonode.inference.package.ModelPackageError
             When the model package cannot be loaded.
+        pneumonode.queue.migrate.SchemaError
+            When a PostgreSQL database needs ``pneumonode db upgrade``.
+        sqlalchemy.exc.SQLAlchemyError
+            When the database cannot be reached.
         OSError
-            When the data folder or the port cannot be used.
+            When the data folder or the DICOM port cannot be used.
         """
         cfg = self.settings
         data_dir = cfg.node.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         predictor = Predictor.load(cfg.model_path) if cfg.worker.enabled else None
         engine = make_engine(cfg.database_url)
-        create_schema(engine)
+        self._engine = engine
+        revision = migrate.prepare_schema(engine)
+        LOGGER.info("queue database %s at schema revision %s", engine.dialect.name, revision)
         repo = JobRepository(engine)
         self.repository = repo
-        intake = Intake(data_dir, repo, on_queued=self._job_wake.set)
+        metrics = NodeMetrics(repo)
+        self.metrics = metrics
+        intake = _ObservedIntake(data_dir, repo, self._job_wake.set, metrics)
         host = socket.gethostname()
         pid = os.getpid()
-        workers: list[Worker] = []
         if predictor is not None:
             LOGGER.info("model %s (uid %s) loaded", predictor.card.display_name, predictor.card.uid)
-            workers = [
+            self._workers = [
                 Worker(
-                    cfg, repo, predictor, f"{host}:{pid}:w{i}", self._job_wake, self._send_wake.set
+                    cfg,
+                    repo,
+                    predictor,
+                    f"{host}:{pid}:w{i}",
+                    self._job_wake,
+                    self._send_wake.set,
+                    observer=metrics,
                 )
                 for i in range(cfg.worker.threads)
             ]
-        senders = [
-            Sender(cfg, repo, f"{host}:{pid}:s{i}", self._send_wake)
+        self._senders = [
+            Sender(cfg, repo, f"{host}:{pid}:s{i}", self._send_wake, observer=metrics)
             for i in range(cfg.delivery.threads)
         ]
-        heartbeats = [w.beat for w in workers] + [s.beat for s in senders]
-        self._scheduler = build_scheduler(cfg, repo, heartbeats, self._wake_all)
+        heartbeats = [w.beat for w in self._workers] + [s.beat for s in self._senders]
+        self._scheduler = build_scheduler(
+            cfg, repo, heartbeats, self._wake_all, on_purged=self._purged, clock=self._clock
+        )
         self._server = DicomServer(cfg, intake)
         self.address = self._server.start()
-        for worker in workers:
+        self._listening = True
+        for worker in self._workers:
             self._spawn(self._work, worker.run, worker.worker_id)
-        for sender in senders:
+        for sender in self._senders:
             self._spawn(self._send, sender.run, sender.sender_id)
         self._scheduler.start()
+        if cfg.metrics.enabled:
+            self._start_http()
         return self.address
+
+    def _start_http(self) -> None:
+        assert self.metrics is not None
+        endpoint = HttpEndpoint(
+            self.settings.metrics.host,
+            self.settings.metrics.port,
+            self.metrics.registry,
+            self.health,
+        )
+        try:
+            self.http_address = endpoint.start()
+        except OSError as exc:
+            LOGGER.error(
+                "metrics.port: cannot serve /metrics and /healthz on %s:%d (%s); the node runs "
+                "without them",
+                self.settings.metrics.host,
+                self.settings.metrics.port,
+                exc.strerror or exc,
+            )
+            return
+        self._http = endpoint
+
+    def _purged(self, report: PurgeReport) -> None:
+        if self.metrics is not None:
+            self.metrics.purged(report.jobs, report.files)
 
     def _wake_all(self) -> None:
         self._job_wake.set()
@@ -102,10 +204,78 @@ class Node:
         thread.start()
         group.threads.append(thread)
 
+    def threads_problem(self) -> str | None:
+        """Why the workers, senders or scheduler are not all running, or None."""
+        dead = [t.name for t in self._work.threads + self._send.threads if not t.is_alive()]
+        if dead:
+            return f"threads stopped: {', '.join(dead)}"
+        if self._scheduler is None or not self._scheduler.running:
+            return "housekeeping scheduler not running"
+        return None
+
+    def health(self) -> Health:
+        """Listening, database reachable, workers alive: each check with its reason."""
+        reasons: list[str] = []
+        listening = self._listening and not self._stopping
+        if not listening:
+            reasons.append(
+                "listening: stopping, no longer accepting associations"
+                if self._stopping
+                else "listening: the DICOM listener is not running"
+            )
+        db = "database: not opened" if self._engine is None else database_problem(self._engine)
+        if db is not None:
+            reasons.append(db)
+        threads = self.threads_problem()
+        if threads is not None and not self._stopping:
+            reasons.append(f"workers: {threads}")
+        workers_ok = threads is None or self._stopping
+        node = self.settings.node
+        details = {
+            "ae_title": node.ae_title,
+            "dicom": None if self.address is None else f"{self.address[0]}:{self.address[1]}",
+            "workers": len(self._workers),
+            "senders": len(self._senders),
+            "destinations": [d.name for d in self.settings.destinations],
+        }
+        return Health(
+            checks={"listening": listening, "database": db is None, "workers": workers_ok},
+            reasons=tuple(reasons),
+            details=details,
+        )
+
+    def reload(self, new: Settings) -> tuple[str, ...]:
+        """Adopt the destinations and peers of ``new`` without a restart.
+
+        Workers use them for jobs finished from now on; senders send queued results to a
+        destination's new address. Other changed settings need a restart and are ignored.
+
+        Returns
+        -------
+        tuple of str
+            The names of the changed settings that were ignored.
+        """
+        with self._lock:
+            old = self.settings
+            ignored = tuple(
+                name
+                for name in type(old).model_fields
+                if name not in RELOADABLE and getattr(new, name) != getattr(old, name)
+            )
+            merged = old.model_copy(update={name: getattr(new, name) for name in RELOADABLE})
+            self.settings = merged
+            for worker in self._workers:
+                worker.reload(merged)
+            for sender in self._senders:
+                sender.reload(merged)
+        return ignored
+
     def stop(self, timeout_s: float = 120.0) -> None:
         """Stop accepting, finish the jobs and sends in hand, then stop everything."""
+        self._stopping = True
         if self._server is not None:
             self._server.stop_accepting()
+        self._listening = False
         self._work.stop.set()
         self._job_wake.set()
         for thread in self._work.threads:
@@ -116,29 +286,105 @@ class Node:
             thread.join(timeout_s)
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=False)
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self._engine is not None:
+            self._engine.dispose()
 
 
-def serve(settings: Settings) -> int:
-    """Run the node until SIGTERM or SIGINT; returns the process exit code."""
+@dataclass
+class _Signals:
+    """What the signal handlers asked for; the main loop acts on it."""
+
+    wake: threading.Event = field(default_factory=threading.Event)
+    stop: bool = False
+    reload: bool = False
+
+
+def _status(node: Node) -> str:
+    host, port = node.address or ("?", 0)
+    names = ", ".join(d.name for d in node.settings.destinations) or "none"
+    text = f"STATUS=listening on {host}:{port}; destinations: {names}"
+    if node.http_address is not None:
+        text += f"; metrics on {node.http_address[0]}:{node.http_address[1]}"
+    return text
+
+
+def _reload(node: Node, loader: Callable[[], Settings]) -> None:
+    systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    try:
+        new = loader()
+    except ConfigError as exc:
+        LOGGER.error("reload refused, keeping the running configuration: %s", exc)
+    else:
+        ignored = node.reload(new)
+        names = ", ".join(d.name for d in node.settings.destinations) or "none"
+        LOGGER.info("reloaded: destinations %s; %d peers", names, len(node.settings.peers))
+        if ignored:
+            LOGGER.warning(
+                "reload: changes to %s need a restart and were not applied", ", ".join(ignored)
+            )
+    systemd.notify("READY=1\n" + _status(node))
+
+
+def serve(settings: Settings, loader: Callable[[], Settings] | None = None) -> int:
+    """Run the node until SIGTERM or SIGINT; returns the process exit code.
+
+    Parameters
+    ----------
+    settings:
+        The configuration to start with.
+    loader:
+        Reads the configuration again on SIGHUP (the same file and environment); without
+        it SIGHUP is logged and ignored.
+
+    Under systemd (``NOTIFY_SOCKET``) the node says READY once it listens, RELOADING/READY
+    around a reload, STOPPING on shutdown, and pings the watchdog (``WATCHDOG_USEC``) only
+    while its workers, senders and scheduler run, so that systemd restarts a wedged node.
+    """
     node = Node(settings)
-    stopping = threading.Event()
+    signals = _Signals()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
+    def on_stop(signum: int, frame: FrameType | None) -> None:
         LOGGER.info("received %s: stopping", signal.Signals(signum).name)
-        stopping.set()
+        signals.stop = True
+        signals.wake.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    host, port = node.start()
-    systemd.notify(f"READY=1\nSTATUS=listening on {host}:{port}")
+    def on_reload(signum: int, frame: FrameType | None) -> None:
+        signals.reload = True
+        signals.wake.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_reload)
+    node.start()
+    systemd.notify("READY=1\n" + _status(node))
     watchdog = systemd.watchdog_interval_s()
-    while not stopping.wait(watchdog if watchdog is not None else 3600):
-        if watchdog is not None:
-            systemd.notify("WATCHDOG=1")
-    systemd.notify("STOPPING=1")
+    next_ping = time.monotonic()
+    while True:
+        wait = 3600.0 if watchdog is None else max(0.0, next_ping - time.monotonic())
+        signals.wake.wait(wait)
+        signals.wake.clear()
+        if signals.stop:
+            break
+        if signals.reload:
+            signals.reload = False
+            if loader is None:
+                LOGGER.warning("SIGHUP: no configuration source to reload from; ignored")
+            else:
+                _reload(node, loader)
+        if watchdog is not None and time.monotonic() >= next_ping:
+            next_ping = time.monotonic() + watchdog
+            problem = node.threads_problem()
+            if problem is None:
+                systemd.notify("WATCHDOG=1")
+            else:
+                LOGGER.error("not pinging the systemd watchdog: %s", problem)
+    systemd.notify("STOPPING=1\nSTATUS=stopping: finishing the work in hand")
     node.stop()
     LOGGER.info("stopped")
     return 0

@@ -7,8 +7,11 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -18,6 +21,7 @@ from pydicom.uid import generate_uid
 from pneumonode.dicom.pixels import DecodedImage, PixelError, decode
 from pneumonode.findings import Finding
 from pneumonode.inference.predictor import Predictor
+from pneumonode.observer import NodeObserver, NullObserver
 from pneumonode.outputs.overlay import build_overlay
 from pneumonode.outputs.seg import build_segmentation
 from pneumonode.queue.repository import (
@@ -31,6 +35,8 @@ from pneumonode.queue.retry import RetryPolicy
 from pneumonode.settings import Settings
 
 LOGGER = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 def delivery_targets(settings: Settings, calling_aet: str) -> list[DeliveryTarget]:
@@ -75,6 +81,50 @@ def _write_durably(path: Path, ds: Dataset) -> None:
         os.close(dir_fd)
 
 
+class InferenceTimeout(RuntimeError):
+    """An inference ran longer than ``worker.inference_timeout_s``."""
+
+
+def run_with_time_limit(call: Callable[[], _T], limit_s: float, name: str) -> _T:
+    """Return ``call()``, or raise :class:`InferenceTimeout` once it has run ``limit_s`` seconds.
+
+    The call runs in a new daemon thread. A Python thread cannot be killed, so after a timeout
+    that thread is left to finish (or hang) on its own and its result is dropped; being a daemon
+    it never holds up the process exit. The worker that called counts it and carries on.
+
+    Parameters
+    ----------
+    call:
+        What to run (the batch inference).
+    limit_s:
+        Seconds to wait for it.
+    name:
+        Name of the thread, for logs and stack dumps.
+
+    Returns
+    -------
+    object
+        What ``call`` returned; an exception it raised is raised here.
+    """
+    outcome: Future[_T] = Future()
+
+    def target() -> None:
+        if not outcome.set_running_or_notify_cancel():
+            return
+        try:
+            outcome.set_result(call())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, which decides
+            outcome.set_exception(exc)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    try:
+        return outcome.result(timeout=limit_s)
+    except FutureTimeout:
+        raise InferenceTimeout(
+            f"inference exceeded worker.inference_timeout_s ({limit_s:g} s)"
+        ) from None
+
+
 @dataclass
 class _Prepared:
     job: JobView
@@ -95,6 +145,8 @@ class Worker:
         Set by intake when a job is queued.
     on_delivering:
         Called after a job's deliveries are queued, to wake the senders.
+    observer:
+        Told about each inference and each processing outcome (metrics).
     """
 
     def __init__(
@@ -105,6 +157,7 @@ class Worker:
         worker_id: str,
         wake: threading.Event,
         on_delivering: Callable[[], None] | None = None,
+        observer: NodeObserver | None = None,
     ) -> None:
         self._settings = settings
         self._repo = repository
@@ -112,6 +165,7 @@ class Worker:
         self.worker_id = worker_id
         self._wake = wake
         self._on_delivering = on_delivering
+        self._observer: NodeObserver = observer or NullObserver()
         self._data_dir = settings.node.data_dir
         self._policy = RetryPolicy(
             max_attempts=settings.worker.max_attempts,
@@ -120,6 +174,13 @@ class Worker:
         )
         self._in_hand: set[int] = set()
         self._lock = threading.Lock()
+        #: Inference threads left running after a timeout (they cannot be killed).
+        self.abandoned_inferences = 0
+
+    def reload(self, settings: Settings) -> None:
+        """Use these settings (new destinations and peers) for the jobs finished from now on."""
+        with self._lock:
+            self._settings = settings
 
     def beat(self) -> None:
         """Refresh the heartbeat of every job this worker holds."""
@@ -155,11 +216,30 @@ class Worker:
             prepared = [p for p in (self._prepare(job) for job in jobs) if p is not None]
             if not prepared:
                 return
+            limit_s = self._settings.worker.inference_timeout_s
             try:
-                findings = self._predictor.analyse(
-                    [p.image.image for p in prepared],
-                    [p.image.pixel_spacing_mm for p in prepared],
+                started = time.monotonic()
+                findings = run_with_time_limit(
+                    lambda: self._predictor.analyse(
+                        [p.image.image for p in prepared],
+                        [p.image.pixel_spacing_mm for p in prepared],
+                    ),
+                    limit_s,
+                    f"{self.worker_id}:inference",
                 )
+                self._observer.inference_done(len(prepared), time.monotonic() - started)
+            except InferenceTimeout as exc:
+                self.abandoned_inferences += 1
+                LOGGER.error(
+                    "jobs %s: %s; its thread cannot be stopped and is abandoned (%d so far); "
+                    "the jobs will retry",
+                    [p.job.id for p in prepared],
+                    exc,
+                    self.abandoned_inferences,
+                )
+                for p in prepared:
+                    self._fail(p.job, str(exc))
+                return
             except Exception as exc:  # the model failed: every job of the batch retries
                 LOGGER.exception("inference failed for jobs %s", [p.job.id for p in prepared])
                 for p in prepared:
@@ -186,6 +266,7 @@ class Worker:
         except PixelError as exc:
             LOGGER.info("job %d skipped: %s", job.id, exc)
             self._repo.skip_job(job.id, self.worker_id, str(exc))
+            self._observer.job_processed("skipped")
             return None
         except Exception as exc:  # an undecodable image is retried, then fails with the reason
             LOGGER.exception("job %d: decoding failed", job.id)
@@ -195,6 +276,7 @@ class Worker:
 
     def _fail(self, job: JobView, error: str) -> None:
         after = self._repo.fail_job(job.id, self.worker_id, error, self._policy)
+        self._observer.job_processed("failed" if after.state == "failed" else "retry")
         LOGGER.warning(
             "job %d attempt %d failed (%s): now %s", job.id, job.attempts, error, after.state
         )
@@ -243,8 +325,11 @@ class Worker:
             seg_path=str(seg_rel),
             sc_path=str(sc_rel),
         )
-        targets = delivery_targets(self._settings, job.calling_aet)
+        with self._lock:
+            settings = self._settings
+        targets = delivery_targets(settings, job.calling_aet)
         self._repo.finish_processing(job.id, self.worker_id, record, targets)
+        self._observer.job_processed("processed")
         LOGGER.info(
             "job %d processed: pneumothorax %s (score %.3f), %d deliveries",
             job.id,
