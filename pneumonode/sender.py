@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pneumonode.dicom.scu import Remote, SendError, Timeouts, store
 from pneumonode.dicom.tls import TlsError, client_context
 from pneumonode.observer import NodeObserver, NullObserver
-from pneumonode.queue.repository import DeliveryView, JobRepository
+from pneumonode.queue.repository import DeliveryView, JobRepository, StaleTransition
 from pneumonode.queue.retry import RetryPolicy
 from pneumonode.settings import Settings
 
@@ -99,7 +99,10 @@ class Sender:
         with self._lock:
             held = list(self._in_hand)
         for delivery_id in held:
-            self._repo.heartbeat_delivery(delivery_id, self.sender_id)
+            try:
+                self._repo.heartbeat_delivery(delivery_id, self.sender_id)
+            except StaleTransition:
+                LOGGER.debug("delivery %d is no longer ours", delivery_id)
 
     def _idle_wait(self) -> None:
         poll = self._settings.worker.poll_s

@@ -30,6 +30,7 @@ from pneumonode.queue.repository import (
     JobRepository,
     JobView,
     ResultUIDs,
+    StaleTransition,
 )
 from pneumonode.queue.retry import RetryPolicy
 from pneumonode.settings import Settings
@@ -183,11 +184,22 @@ class Worker:
             self._settings = settings
 
     def beat(self) -> None:
-        """Refresh the heartbeat of every job this worker holds."""
+        """Refresh the heartbeat of every job this worker holds.
+
+        A job that left ``processing`` meanwhile (finished, or its claim expired and another
+        worker took it) is no longer ours: it is dropped from the set, not an error.
+        """
         with self._lock:
             held = list(self._in_hand)
         for job_id in held:
-            self._repo.heartbeat_job(job_id, self.worker_id)
+            try:
+                self._repo.heartbeat_job(job_id, self.worker_id)
+            except StaleTransition:
+                self._release(job_id)
+
+    def _release(self, job_id: int) -> None:
+        with self._lock:
+            self._in_hand.discard(job_id)
 
     def run(self, stop: threading.Event) -> None:
         """Process jobs until ``stop`` is set; the job batch in hand is always finished."""
@@ -276,6 +288,7 @@ class Worker:
 
     def _fail(self, job: JobView, error: str) -> None:
         after = self._repo.fail_job(job.id, self.worker_id, error, self._policy)
+        self._release(job.id)
         self._observer.job_processed("failed" if after.state == "failed" else "retry")
         LOGGER.warning(
             "job %d attempt %d failed (%s): now %s", job.id, job.attempts, error, after.state
@@ -329,6 +342,7 @@ class Worker:
             settings = self._settings
         targets = delivery_targets(settings, job.calling_aet)
         self._repo.finish_processing(job.id, self.worker_id, record, targets)
+        self._release(job.id)
         self._observer.job_processed("processed")
         LOGGER.info(
             "job %d processed: pneumothorax %s (score %.3f), %d deliveries",

@@ -221,3 +221,26 @@ def dciodvfy_errors(path: Path) -> tuple[list[str], str]:
     text = out.stdout + out.stderr
     errors = [line for line in text.splitlines() if line.lstrip().startswith("Error")]
     return errors, text
+
+
+def make_tiny_package(folder: Path, members: int = 1, uid: str = "2.25.4242") -> Path:
+    """A small untrained Attention U-Net package (64 px): fast to serve in process tests."""
+    import keras
+
+    from pneumonode.inference.card import InputSpec, ModelCard, Thresholds, TrainingInfo
+    from pneumonode.nets.attention_unet import build_attention_unet
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for k in range(members):
+        keras.utils.set_random_seed(k)
+        name = f"member{k + 1}.keras"
+        build_attention_unet(input_shape=(64, 64, 1), base_filters=2).save(folder / name)
+        names.append(name)
+    ModelCard(
+        name="tiny-test", version="0.0.1", uid=uid, variant="attention_unet", demo=True,
+        input=InputSpec(size=64), thresholds=Thresholds(top=0.55, bottom=0.45), members=names,
+        training=TrainingInfo(recipe="test", data="untrained", epochs=0),
+        intended_use="test fixture",
+    ).save(folder)
+    return folder
