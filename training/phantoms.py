@@ -226,6 +226,40 @@ def make_phantom(
     return image, mask
 
 
+def make_blank(rng: np.random.Generator, size: int = 256) -> tuple[Image, Mask]:
+    """Draw an image that is not a chest (a flat gray level, a soft gradient, noise).
+
+    Such images, empty-masked, teach a model that darkness alone is not a pneumothorax: the
+    crescent's darkness is abnormal only next to lung with markings.
+
+    Parameters
+    ----------
+    rng:
+        Source of all randomness.
+    size:
+        Height and width in pixels (>= 32).
+
+    Returns
+    -------
+    (image, mask)
+        float32 ``(size, size)`` in [0, 1] and an all-False mask.
+
+    Raises
+    ------
+    ValueError
+        If ``size`` is below 32.
+    """
+    if size < _MIN_SIZE:
+        raise ValueError(f"phantom size must be >= {_MIN_SIZE}, got {size}")
+    level = rng.uniform(0.0, 1.0)
+    ramp = np.linspace(-0.5, 0.5, size, dtype=np.float32)
+    angle = rng.uniform(0.0, 2.0 * np.pi)
+    gradient = np.cos(angle) * ramp[np.newaxis, :] + np.sin(angle) * ramp[:, np.newaxis]
+    image = level + rng.uniform(0.0, 0.3) * gradient
+    image = image + rng.normal(0.0, rng.uniform(0.0, 0.03), (size, size))
+    return np.clip(image, 0.0, 1.0).astype(np.float32), np.zeros((size, size), dtype=np.bool_)
+
+
 def make_dataset(n: int, size: int = 256, seed: int = 0) -> tuple[Image, Mask]:
     """Draw ``n`` phantoms, half of them positive (the first of each shuffled pair).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.phantoms import make_dataset, make_phantom
+from training.phantoms import make_blank, make_dataset, make_phantom
 
 
 def test_same_seed_same_data_other_seed_other_data() -> None:
@@ -55,8 +55,20 @@ def test_negative_phantoms_have_empty_masks_but_look_like_chests() -> None:
     assert middle > lungs + 0.2
 
 
+def test_blank_images_are_flat_and_empty() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        image, mask = make_blank(rng, 64)
+        assert image.dtype == np.float32 and image.shape == (64, 64)
+        assert image.min() >= 0.0 and image.max() <= 1.0
+        assert not mask.any()
+        assert image.std() < 0.15
+
+
 def test_rejects_tiny_size_and_negative_count() -> None:
     with pytest.raises(ValueError, match="size"):
         make_phantom(np.random.default_rng(0), 16)
+    with pytest.raises(ValueError, match="size"):
+        make_blank(np.random.default_rng(0), 16)
     with pytest.raises(ValueError, match="n must be"):
         make_dataset(-1, 64, seed=0)
