@@ -185,16 +185,18 @@ def recompute_batchnorm(model: keras.Model, batches: Iterable[Any]) -> int:
         return 0
     momenta = [layer.momentum for layer in layers]
     for layer in layers:
-        layer.moving_mean.assign(keras.ops.zeros_like(layer.moving_mean))
-        layer.moving_variance.assign(keras.ops.ones_like(layer.moving_variance))
+        shape, dtype = layer.moving_mean.shape, layer.moving_mean.dtype
+        layer.moving_mean.assign(keras.ops.zeros(shape, dtype=dtype))
+        layer.moving_variance.assign(keras.ops.ones(shape, dtype=dtype))
     count = 0
+    as_list = isinstance(getattr(model, "input", None), list)
     try:
         for batch in batches:
             x = batch[0] if isinstance(batch, tuple) else batch
             count += 1
             for layer in layers:
                 layer.momentum = (count - 1) / count
-            model(x, training=True)
+            model([x] if as_list else x, training=True)
     finally:
         for layer, momentum in zip(layers, momenta, strict=True):
             layer.momentum = momentum

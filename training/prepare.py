@@ -15,6 +15,7 @@ import pydicom
 from numpy.typing import NDArray
 from tqdm import tqdm
 
+from pneumonode.dicom.pixels import decode as decode_pixels
 from training.rle import RleFormat, decode_union, encode, is_positive, read_rle_csv
 from training.store import (
     IMAGES,
@@ -54,8 +55,6 @@ def read_dicom_uint8(path: Path) -> tuple[str, NDArray[np.uint8]]:
     tuple
         The SOP Instance UID and the gray image (0 black, MONOCHROME1 inverted).
     """
-    from pneumonode.dicom.pixels import decode as decode_pixels
-
     ds = pydicom.dcmread(path)
     return str(ds.SOPInstanceUID), decode_pixels(ds).to_uint8()
 

@@ -11,12 +11,16 @@ import cv2
 import numpy as np
 import pytest
 
+from pneumonode.inference.card import TTA, ModelCard, Thresholds
 from pneumonode.inference.package import load_package
 from pneumonode.inference.predictor import Predictor
 from training.__main__ import main
+from training.export import export_package
+from training.metrics import challenge_dice_at
 from training.phantoms import make_phantom
 from training.rle import RleFormat, decode
 from training.run import EvaluationRecord, RunInfo
+from training.store import PreparedData
 
 pytestmark = pytest.mark.slow
 
@@ -129,3 +133,25 @@ def test_export_command_writes_a_member_subset(
     assert card["members"] == ["swa.keras"]
     assert len(load_package(out).members) == 1
     assert main(["export", str(run_dir), "--out", str(out), "--members", "nope.keras"]) == 1
+
+
+def test_node_predictor_reproduces_the_training_time_validation_dice(
+    smoke_run: tuple[Path, float], tmp_path: Path
+) -> None:
+    run_dir, _ = smoke_run
+    package = export_package(run_dir, tmp_path / "last", members=["snapshot_2.keras"])
+    card = ModelCard.load(package)
+    card.model_copy(update={"tta": TTA(hflip=False), "thresholds": Thresholds()}).save(package)
+    predictor = Predictor.load(package)
+    store = PreparedData.open(run_dir / "data")
+    ids = store.ids("val")
+    batch = np.stack([predictor.prepare(store.load_image(i) / np.float32(255)) for i in ids])
+    probabilities = predictor.probabilities(batch)
+    scores = [
+        challenge_dice_at(p, truth)
+        for p, truth in zip(probabilities, store.original_masks(ids), strict=True)
+    ]
+    with (run_dir / "history.csv").open() as handle:
+        last = list(csv.DictReader(handle))[-1]
+    # snapshot_2 holds the weights of the last epoch, scored by ValidationDice during training.
+    assert float(np.mean(scores)) == pytest.approx(float(last["val_challenge_dice"]), abs=1e-5)
