@@ -50,7 +50,7 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("pynetdicom", "apscheduler"):
+    for noisy in ("pynetdicom", "apscheduler", "highdicom"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
