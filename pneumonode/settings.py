@@ -58,6 +58,18 @@ class NodeSettings(_Section):
     data_dir: Path = Field(default=Path("pneumonode-data"), description="Spool, results, database")
     max_associations: int = Field(default=10, ge=1, le=1000)
     max_pdu_length: int = Field(default=65536, ge=0, le=2**32 - 1, description="0 = unlimited")
+    check_peer_host: bool = Field(
+        default=False,
+        description="Calling AE must be a [[peers]] entry and connect from that peer's host",
+    )
+    max_instance_mb: int = Field(
+        default=512, ge=1, description="Larger C-STORE datasets are refused (out of resources)"
+    )
+    min_free_disk_mb: int = Field(
+        default=1024,
+        ge=0,
+        description="C-STORE is refused (out of resources) while data_dir has less free; 0 = off",
+    )
 
 
 class DatabaseSettings(_Section):
@@ -98,6 +110,9 @@ class WorkerSettings(_Section):
     stale_after_s: float = Field(default=300.0, gt=0, description="Claim expiry without heartbeat")
     poll_s: float = Field(default=2.0, gt=0, description="Idle poll interval")
     max_pixels: int = Field(default=60_000_000, ge=1, description="Refuse larger images")
+    inference_timeout_s: float = Field(
+        default=300.0, gt=0, description="A batch's inference longer than this fails the batch"
+    )
 
     @model_validator(mode="after")
     def _stale_after_heartbeat(self) -> WorkerSettings:
@@ -128,6 +143,35 @@ class DeliverySettings(_Section):
     network_timeout_s: float = Field(default=60.0, gt=0)
 
 
+class TlsSettings(_Section):
+    """[tls]: DICOM TLS for the listener and the certificates used when sending over TLS."""
+
+    enabled: bool = Field(default=False, description="The listener speaks TLS only")
+    certificate: Path | None = Field(
+        default=None, description="Our certificate chain (PEM); also our client certificate"
+    )
+    private_key: Path | None = Field(default=None, description="Our private key (PEM)")
+    ca_certificates: Path | None = Field(
+        default=None, description="CA certificates (PEM) that peers' certificates must chain to"
+    )
+    require_client_certificate: bool = Field(
+        default=False, description="Refuse TLS clients without a certificate from ca_certificates"
+    )
+    check_hostname: bool = Field(
+        default=True, description="When sending, the server certificate must name the host"
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together: set both or neither")
+        if self.enabled and self.certificate is None:
+            raise ValueError("enabled = true needs certificate and private_key")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate = true needs ca_certificates")
+        return self
+
+
 class Destination(_Section):
     """[[destinations]]: a PACS or viewer that receives every result."""
 
@@ -135,6 +179,7 @@ class Destination(_Section):
     ae_title: AETitle
     host: str = Field(min_length=1)
     port: Port
+    tls: bool = Field(default=False, description="Send over TLS, verifying tls.ca_certificates")
 
 
 class Peer(_Section):
@@ -143,6 +188,7 @@ class Peer(_Section):
     ae_title: AETitle
     host: str = Field(min_length=1)
     port: Port
+    tls: bool = Field(default=False, description="Return results over TLS")
 
 
 class MetricsSettings(_Section):
@@ -179,6 +225,7 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = DeliverySettings()
     metrics: MetricsSettings = MetricsSettings()
     retention: RetentionSettings = RetentionSettings()
+    tls: TlsSettings = TlsSettings()
     destinations: list[Destination] = Field(default_factory=list)
     peers: list[Peer] = Field(default_factory=list)
 
@@ -204,6 +251,18 @@ class Settings(BaseSettings):
         dupes = sorted({a for a in aets if aets.count(a) > 1})
         if dupes:
             raise ValueError(f"peer AE titles must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _security(self) -> Settings:
+        if self.node.check_peer_host and not self.peers:
+            raise ValueError("node.check_peer_host = true needs at least one [[peers]] entry")
+        over_tls = [d.name for d in self.destinations if d.tls]
+        over_tls += [f"peer {p.ae_title}" for p in self.peers if p.tls]
+        if over_tls and self.tls.ca_certificates is None:
+            raise ValueError(
+                f"tls.ca_certificates is needed to verify TLS destinations: {', '.join(over_tls)}"
+            )
         return self
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import uuid
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
 
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -21,6 +23,16 @@ LOGGER = logging.getLogger(__name__)
 ACCEPTED_MODALITIES = frozenset({"CR", "DX"})
 CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "CHEST_LAT", "CHESTABDOMEN"})
 _UID_CHARS = frozenset("0123456789.")
+#: Image Pixel module attributes that must be integers for the pixel data to be decoded.
+_PIXEL_INTEGERS = (
+    "SamplesPerPixel",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+)
 
 
 class Status(IntEnum):
@@ -40,6 +52,20 @@ class Outcome(IntEnum):
     SKIPPED = 2
     DUPLICATE = 3
     REFUSED = 4
+
+
+#: Errors pydicom raises when a received element's value cannot be converted (wrong VR, odd
+#: length, undecodable text): the instance cannot be understood.
+_HEADER_ERRORS = (
+    AttributeError,
+    IndexError,
+    KeyError,
+    LookupError,
+    NotImplementedError,
+    OverflowError,
+    TypeError,
+    ValueError,
+)
 
 
 @dataclass(frozen=True)
@@ -71,7 +97,7 @@ def skip_reason(ds: Dataset) -> str | None:
     body_part = str(ds.get("BodyPartExamined", "")).strip().upper()
     if body_part and body_part not in CHEST_BODY_PARTS:
         return f"body part examined {body_part!r} is not chest"
-    if "PixelData" not in ds:
+    if "PixelData" not in ds or ds["PixelData"].is_empty:
         return "no pixel data"
     frames = ds.get("NumberOfFrames", 1)
     try:
@@ -80,6 +106,29 @@ def skip_reason(ds: Dataset) -> str | None:
         return f"number of frames {frames!r} is not an integer"
     if n_frames != 1:
         return f"multi-frame image ({n_frames} frames); only single-frame radiographs are read"
+    return _header_reason(ds)
+
+
+def _header_reason(ds: Dataset) -> str | None:
+    """Why the header cannot describe a decodable image (wrong VRs, unusable numbers), or None."""
+    charsets = ds.get("SpecificCharacterSet") or []
+    for charset in [charsets] if isinstance(charsets, str) else charsets:
+        if str(charset).strip() not in python_encoding:
+            return f"specific character set {str(charset)[:32]!r} is not a DICOM character set"
+    for keyword in _PIXEL_INTEGERS:
+        value = ds.get(keyword)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            return f"{keyword} {str(value)[:32]!r} (VR {ds[keyword].VR}) is not an integer"
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return f"{keyword} {str(value)[:32]!r} is not a number"
+        if not math.isfinite(number):
+            return f"{keyword} {str(value)[:32]!r} is not a finite number"
     return None
 
 
@@ -152,16 +201,21 @@ class Intake:
 
         ``header`` is the received dataset (only header attributes are read); ``encoded`` is the
         complete DICOM file (preamble, file meta, dataset) exactly as received.
+
+        Never raises for a bad instance: the result's status is one of :class:`Status`
+        (0x0000 queued, skipped or duplicate; 0xA700 the spool or the database failed; 0xC000
+        the header cannot be understood).
         """
-        sop_uid = header.get("SOPInstanceUID")
-        for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
-            value = header.get(keyword)
-            if not is_valid_uid(value):
-                refusal = f"{keyword} is not a valid UID: {str(value)[:80]!r}"
-                LOGGER.warning("refused instance: %s", refusal)
-                return IntakeResult(Status.CANNOT_UNDERSTAND, Outcome.REFUSED, None, refusal)
-        assert isinstance(sop_uid, str)
-        reason = skip_reason(header)
+        try:
+            sop_uid, reason = self._read_header(header)
+        except _HEADER_ERRORS as exc:
+            text = f"header cannot be read ({type(exc).__name__})"
+            LOGGER.warning("refused instance: %s", text)
+            return IntakeResult(Status.CANNOT_UNDERSTAND, Outcome.REFUSED, None, text)
+        if sop_uid is None:
+            assert reason is not None
+            LOGGER.warning("refused instance: %s", reason)
+            return IntakeResult(Status.CANNOT_UNDERSTAND, Outcome.REFUSED, None, reason)
         spool_rel: str | None = None
         spool_path: Path | None = None
         if reason is None:
@@ -204,3 +258,12 @@ class Intake:
         if self._on_queued is not None:
             self._on_queued()
         return IntakeResult(Status.SUCCESS, Outcome.QUEUED, result.job_id)
+
+    @staticmethod
+    def _read_header(header: Dataset) -> tuple[str | None, str | None]:
+        """(SOP Instance UID, skip reason), or (None, refusal) when a UID is invalid."""
+        for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            value = header.get(keyword)
+            if not is_valid_uid(value):
+                return None, f"{keyword} is not a valid UID: {str(value)[:80]!r}"
+        return str(header.SOPInstanceUID), skip_reason(header)

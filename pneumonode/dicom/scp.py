@@ -2,23 +2,39 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import shutil
 import socket
-from collections.abc import Sequence
+import ssl
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import pydicom.uid as pduid
 from pydicom.pixels.decoders.base import get_decoder
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from pneumonode.dicom.intake import Intake, Status
+from pneumonode.dicom.intake import Intake, Status, is_valid_uid
+from pneumonode.dicom.tls import server_context
 from pneumonode.settings import Settings
 
 LOGGER = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"
+
+#: A-ASSOCIATE-RJ: rejected-permanent, by the service user, "calling AE title not recognized".
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+MIB = 1024 * 1024
 
 #: Storage SOP classes the node accepts: the projection radiography classes and Secondary Capture
 #: (whose Modality must then be CR or DX; SIIM challenge files are such SC objects).
@@ -66,17 +82,180 @@ def handle_conn_open(event: Event) -> None:
         set_nodelay(transport.socket)
 
 
+def _ip(text: str) -> IPAddress | None:
+    """The address in ``text`` (IPv6 zone removed, IPv4-mapped IPv6 as IPv4), or None."""
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def resolve_host(host: str) -> frozenset[IPAddress]:
+    """Every address of ``host`` (an IPv4/IPv6 literal or a name); empty when it cannot resolve."""
+    literal = _ip(host)
+    if literal is not None:
+        return frozenset({literal})
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as exc:
+        LOGGER.warning("cannot resolve peer host %r: %s; that peer cannot associate", host, exc)
+        return frozenset()
+    found = {_ip(str(info[4][0])) for info in infos}
+    return frozenset(a for a in found if a is not None)
+
+
+class AccessPolicy:
+    """Who may associate: an allowlist of calling AE titles, optionally bound to source addresses.
+
+    Parameters
+    ----------
+    allowed_calling_aets:
+        Calling AE titles allowed; empty allows any (unless ``peer_addresses`` is given).
+    peer_addresses:
+        When given, the calling AE title must be a key and the connection must come from one of
+        its addresses (``node.check_peer_host``).
+    """
+
+    def __init__(
+        self,
+        allowed_calling_aets: Iterable[str] = (),
+        peer_addresses: Mapping[str, frozenset[IPAddress]] | None = None,
+    ) -> None:
+        self._allowed = frozenset(a.strip() for a in allowed_calling_aets)
+        self._peers = None if peer_addresses is None else dict(peer_addresses)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, resolve: Callable[[str], frozenset[IPAddress]] = resolve_host
+    ) -> AccessPolicy:
+        """The policy of ``[node]`` and ``[[peers]]``; peer host names are resolved once, here."""
+        peers: dict[str, frozenset[IPAddress]] | None = None
+        if settings.node.check_peer_host:
+            peers = {p.ae_title: resolve(p.host) for p in settings.peers}
+        return cls(settings.node.allowed_calling_aets, peers)
+
+    def refusal(self, calling_aet: str, address: str) -> str | None:
+        """Why an association from ``calling_aet`` at ``address`` is refused, or None."""
+        calling = calling_aet.strip()
+        if self._allowed and calling not in self._allowed:
+            return f"calling AE title {calling!r} is not in node.allowed_calling_aets"
+        if self._peers is None:
+            return None
+        if calling not in self._peers:
+            return f"calling AE title {calling!r} is not a [[peers]] entry (node.check_peer_host)"
+        source = _ip(address)
+        if source is None or source not in self._peers[calling]:
+            return (
+                f"calling AE title {calling!r} connected from {address}, not from its [[peers]] "
+                "host (node.check_peer_host)"
+            )
+        return None
+
+
+def handle_requested(event: Event, policy: AccessPolicy) -> None:
+    """Reject an association request that the access policy refuses, before negotiation.
+
+    The rejection is permanent with the reason "calling AE title not recognized" (PS3.8 9.3.4).
+    A request that cannot be checked is rejected too.
+    """
+    assoc = event.assoc
+    address = str(assoc.requestor.address)
+    calling = "?"
+    try:
+        primitive = assoc.requestor.primitive
+        if primitive is None:
+            raise ValueError("no A-ASSOCIATE request primitive")
+        calling = str(primitive.calling_ae_title).strip()
+        refusal = policy.refusal(calling, address)
+    except Exception:  # fail closed: an unchecked request must not get in
+        LOGGER.exception("cannot check the association request from %s", address)
+        refusal = "the association request could not be checked"
+    if refusal is None:
+        return
+    LOGGER.warning("association from %s as %r rejected: %s", address, calling, refusal)
+    assoc.acse.send_reject(*REJECT_CALLING_AE)
+    assoc.kill()
+
+
+@dataclass(frozen=True)
+class InstanceLimits:
+    """What the listener refuses with 0xA700 (out of resources) before decoding or writing.
+
+    Attributes
+    ----------
+    data_dir:
+        The node's data folder, whose file system's free space is checked.
+    max_instance_bytes:
+        Largest received data set accepted.
+    min_free_disk_bytes:
+        Every instance is refused while ``data_dir`` has less free space; 0 turns this off.
+    """
+
+    data_dir: Path
+    max_instance_bytes: int
+    min_free_disk_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_instance_bytes < 1:
+            raise ValueError(f"max_instance_bytes must be positive, got {self.max_instance_bytes}")
+        if self.min_free_disk_bytes < 0:
+            raise ValueError(f"min_free_disk_bytes must be >= 0, got {self.min_free_disk_bytes}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> InstanceLimits:
+        """``node.max_instance_mb`` and ``node.min_free_disk_mb`` (MiB) for ``node.data_dir``."""
+        node = settings.node
+        return cls(node.data_dir, node.max_instance_mb * MIB, node.min_free_disk_mb * MIB)
+
+    def refusal(self, size: int) -> str | None:
+        """Why an instance of ``size`` bytes must be refused now, or None to receive it."""
+        if size > self.max_instance_bytes:
+            return (
+                f"instance of {size} bytes exceeds node.max_instance_mb "
+                f"({self.max_instance_bytes / MIB:g} MiB)"
+            )
+        if not self.min_free_disk_bytes:
+            return None
+        try:
+            free = shutil.disk_usage(self.data_dir).free
+        except OSError as exc:
+            return f"cannot check the free space of {self.data_dir}: {exc.strerror}"
+        if free < self.min_free_disk_bytes:
+            return (
+                f"free disk space of {self.data_dir} ({free // MIB} MiB) is under "
+                f"node.min_free_disk_mb ({self.min_free_disk_bytes // MIB} MiB)"
+            )
+        return None
+
+
 def handle_echo(event: Event) -> int:
     """Answer C-ECHO."""
     return 0x0000
 
 
-def handle_store(event: Event, intake: Intake) -> int | tuple[int, Any]:
+def handle_store(event: Event, intake: Intake, limits: InstanceLimits) -> int | tuple[int, Any]:
     """Answer C-STORE only after the instance is durable (see :class:`Intake`).
 
+    Size and free-disk limits are checked first, on the raw data set (0xA700, nothing written).
     Anything that goes wrong becomes a failure status so the sender keeps its copy.
     """
     requestor = event.assoc.requestor
+    request = event.request
+    if not isinstance(request, C_STORE):
+        return int(Status.CANNOT_UNDERSTAND)
+    refusal = limits.refusal(_dataset_size(request.DataSet))
+    if refusal is not None:
+        command_uid = str(request.AffectedSOPInstanceUID or "")
+        LOGGER.warning(
+            "refused SOP Instance %s from %s: %s",
+            command_uid if is_valid_uid(command_uid) else "(invalid UID)",
+            requestor.ae_title,
+            refusal,
+        )
+        return int(Status.OUT_OF_RESOURCES)
     try:
         header = event.dataset
         header.file_meta = event.file_meta
@@ -90,6 +269,14 @@ def handle_store(event: Event, intake: Intake) -> int | tuple[int, Any]:
         LOGGER.exception("intake failed for an instance from %s", requestor.ae_title)
         return int(Status.PROCESSING_FAILURE)
     return int(result.status)
+
+
+def _dataset_size(dataset: object) -> int:
+    """Bytes of the received data set (a BytesIO as pynetdicom hands it over), 0 if none."""
+    if isinstance(dataset, BytesIO):
+        with dataset.getbuffer() as view:
+            return view.nbytes
+    return 0
 
 
 def build_ae(settings: Settings) -> AE:
@@ -110,13 +297,65 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
+class ListenerServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, hardened for hostile networks.
+
+    * Accepted sockets get the network timeout, so a peer that stops mid-PDU frees its thread
+      (and its association slot) instead of blocking a read forever.
+    * The TLS handshake runs in the connection's own thread with that timeout, not in the accept
+      loop, so a client that never completes it cannot stop the node accepting others.
+    """
+
+    def __init__(
+        self,
+        ae: AE,
+        address: tuple[str, int],
+        ae_title: str,
+        contexts: list[Any],
+        ssl_context: ssl.SSLContext | None = None,
+        evt_handlers: list[Any] | None = None,
+        *,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self._tls = tls if tls is not None else ssl_context
+        super().__init__(ae, address, ae_title, contexts, None, evt_handlers=evt_handlers)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection and give it the network timeout."""
+        sock, address = super().get_request()
+        sock.settimeout(self.ae.network_timeout)
+        return sock, address
+
+    def process_request_thread(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> None:
+        """Complete the TLS handshake (when TLS is on), then serve the association."""
+        if self._tls is not None and isinstance(request, socket.socket):
+            try:
+                request = self._tls.wrap_socket(request, server_side=True)
+            except OSError as exc:  # ssl.SSLError, timeouts and resets are all OSError
+                LOGGER.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
 class DicomServer:
-    """The listening socket and its association threads."""
+    """The listening socket and its association threads.
+
+    Raises
+    ------
+    pneumonode.dicom.tls.TlsError
+        When ``[tls] enabled`` and its certificate, key or CA file cannot be used.
+    """
 
     def __init__(self, settings: Settings, intake: Intake) -> None:
         self._settings = settings
         self._intake = intake
         self._ae = build_ae(settings)
+        self._policy = AccessPolicy.from_settings(settings)
+        self._limits = InstanceLimits.from_settings(settings)
+        self._tls = server_context(settings.tls) if settings.tls.enabled else None
         self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> tuple[str, int]:
@@ -129,17 +368,30 @@ class DicomServer:
         """
         handlers: Sequence[Any] = [
             (evt.EVT_CONN_OPEN, handle_conn_open),
+            (evt.EVT_REQUESTED, handle_requested, [self._policy]),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self._intake]),
+            (evt.EVT_C_STORE, handle_store, [self._intake, self._limits]),
         ]
         node = self._settings.node
-        server = self._ae.start_server(
-            (node.host, node.port), block=False, evt_handlers=list(handlers)
+        server = self._ae.make_server(
+            (node.host, node.port),
+            evt_handlers=list(handlers),
+            server_class=ListenerServer,
+            tls=self._tls,
         )
-        assert server is not None
+        self._ae._servers.append(server)  # as AE.start_server does, so AE.shutdown stops it
+        threading.Thread(
+            target=server.serve_forever, name=f"listener:{node.port}", daemon=True
+        ).start()
         self._server = server
         host, port = server.server_address[:2]
-        LOGGER.info("listening as %s on %s:%d", node.ae_title, host, port)
+        LOGGER.info(
+            "listening as %s on %s:%d%s",
+            node.ae_title,
+            host,
+            port,
+            " (TLS)" if self._tls is not None else "",
+        )
         return str(host), int(port)
 
     def stop_accepting(self) -> None:

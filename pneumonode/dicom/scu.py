@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,25 +73,37 @@ def _make_ae(calling_ae: str, timeouts: Timeouts) -> AE:
     return ae
 
 
-def _associate(ae: AE, remote: Remote) -> Association:
+def _associate(ae: AE, remote: Remote, tls: ssl.SSLContext | None) -> Association:
     assoc = ae.associate(
         remote.host,
         remote.port,
         ae_title=remote.ae_title,
         evt_handlers=[(evt.EVT_CONN_OPEN, handle_conn_open)],
+        tls_args=None if tls is None else (tls, remote.host),
     )
     if not assoc.is_established:
         if assoc.is_rejected:
             raise SendError(f"association rejected by {remote}")
-        raise SendError(f"cannot associate with {remote}: connection refused, aborted or timed out")
+        how = "TLS handshake failed, " if tls is not None else ""
+        raise SendError(
+            f"cannot associate with {remote}: {how}connection refused, aborted or timed out"
+        )
     return assoc
 
 
-def echo(calling_ae: str, remote: Remote, timeouts: Timeouts = Timeouts()) -> int:
-    """Send C-ECHO; returns the status (0 = success). Raises SendError when no answer."""
+def echo(
+    calling_ae: str,
+    remote: Remote,
+    timeouts: Timeouts = Timeouts(),
+    tls: ssl.SSLContext | None = None,
+) -> int:
+    """Send C-ECHO; returns the status (0 = success). Raises SendError when no answer.
+
+    ``tls``: a client context (:func:`pneumonode.dicom.tls.client_context`) to use DICOM TLS.
+    """
     ae = _make_ae(calling_ae, timeouts)
     ae.add_requested_context(VERIFICATION)
-    assoc = _associate(ae, remote)
+    assoc = _associate(ae, remote, tls)
     try:
         status = assoc.send_c_echo()
     finally:
@@ -106,10 +119,12 @@ def store(
     remote: Remote,
     timeouts: Timeouts = Timeouts(),
     on_progress: Callable[[StoreOutcome], None] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> list[StoreOutcome]:
     """C-STORE the DICOM files at ``paths`` over one association, in order.
 
     Uncompressed files may go in explicit or implicit VR; compressed ones in their own syntax.
+    ``tls``: a client context (:func:`pneumonode.dicom.tls.client_context`) to use DICOM TLS.
 
     Raises
     ------
@@ -130,7 +145,7 @@ def store(
         raise SendError(f"{len(contexts)} SOP classes exceed the 128 presentation contexts")
     for sop_class, syntaxes in contexts.items():
         ae.add_requested_context(sop_class, syntaxes)
-    assoc = _associate(ae, remote)
+    assoc = _associate(ae, remote, tls)
     outcomes: list[StoreOutcome] = []
     try:
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
