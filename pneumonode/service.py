@@ -118,15 +118,24 @@ class Node:
             When the database cannot be reached.
         OSError
             When the data folder or the DICOM port cannot be used.
+
+        What was started before a failure is stopped again before the exception propagates.
         """
+        try:
+            return self._start()
+        except BaseException:
+            self.stop(timeout_s=5.0)
+            raise
+
+    def _start(self) -> tuple[str, int]:
         cfg = self.settings
         data_dir = cfg.node.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        predictor = Predictor.load(cfg.model_path) if cfg.worker.enabled else None
         engine = make_engine(cfg.database_url)
         self._engine = engine
         revision = migrate.prepare_schema(engine)
         LOGGER.info("queue database %s at schema revision %s", engine.dialect.name, revision)
+        predictor = Predictor.load(cfg.model_path) if cfg.worker.enabled else None
         repo = JobRepository(engine)
         self.repository = repo
         metrics = NodeMetrics(repo)

@@ -52,8 +52,13 @@ def http_get(port: int, path: str) -> tuple[int, bytes]:
         return int(exc.code), bytes(exc.read())
 
 
-def metric_value(exposition: str, name: str, labels: str = "") -> float:
-    """The value of one sample in a Prometheus text exposition (``labels`` as printed)."""
+def metric_value(
+    exposition: str, name: str, labels: str = "", default: float | None = None
+) -> float:
+    """The value of one sample in a Prometheus text exposition (``labels`` as printed).
+
+    Without a ``default`` a missing sample fails the test.
+    """
     wanted = f"{name}{{{labels}}}" if labels else name
     for line in exposition.splitlines():
         if line.startswith("#"):
@@ -61,6 +66,8 @@ def metric_value(exposition: str, name: str, labels: str = "") -> float:
         key, _, value = line.rpartition(" ")
         if key == wanted:
             return float(value)
+    if default is not None:
+        return default
     raise AssertionError(f"no sample {wanted} in the exposition")
 
 
