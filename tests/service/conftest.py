@@ -1,16 +1,13 @@
-"""Fixtures for the service tests: a tiny model, a notify socket, fresh PostgreSQL databases."""
+"""Fixtures for the service tests: a tiny model package and a notify socket."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from harness import make_tiny_package
 from service.nodekit import NotifySocket
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 
 @pytest.fixture(scope="session")
@@ -27,18 +24,3 @@ def notify_socket() -> Iterator[NotifySocket]:
         yield sock
     finally:
         sock.close()
-
-
-@pytest.fixture
-def pg_database(postgres_url: str) -> Iterator[str]:
-    """A new, empty database on the throwaway PostgreSQL server; dropped after the test."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(make_url(postgres_url), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
