@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import PEER_ENV, REPO, NodeProcess, free_port, port_open, wait_for, write_config
+from harness import (
+    PEER_ENV,
+    REPO,
+    NodeProcess,
+    free_port,
+    make_tiny_package,
+    port_open,
+    wait_for,
+    write_config,
+)
 
 SIIM_DICOM = REPO.parent / "shared" / "data" / "siim-sample" / "dicom"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -64,11 +73,14 @@ class Orthanc:
             self.proc.terminate()
             self.proc.wait(30)
 
-    def rest(self, method: str, path: str, body: bytes | None = None) -> Any:
+    def raw(self, method: str, path: str, body: bytes | None = None) -> bytes:
         request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}",
                                          data=body, method=method)
         with urllib.request.urlopen(request, timeout=120) as response:
-            return json.loads(response.read() or b"null")
+            return bytes(response.read())
+
+    def rest(self, method: str, path: str, body: bytes | None = None) -> Any:
+        return json.loads(self.raw(method, path, body) or b"null")
 
 
 @pytest.fixture
@@ -84,7 +96,10 @@ def orthanc_and_node(tmp_path: Path) -> Iterator[tuple[Orthanc, NodeProcess]]:
     orthanc = Orthanc(tmp_path / "orthanc", node_port)
     config = write_config(tmp_path / "node.toml", port=node_port, data_dir=tmp_path / "data",
                           destinations=[("ORTHANC", "127.0.0.1", orthanc.dicom_port)])
-    node = NodeProcess(config, tmp_path / "node.log")
+    # A tiny untrained package: this test is about the PACS round trip, not the model.
+    model = make_tiny_package(tmp_path / "model")
+    node = NodeProcess(config, tmp_path / "node.log", env={
+        "PNEUMONODE_MODEL__PATH": str(model), "PNEUMONODE_METRICS__PORT": str(free_port())})
     orthanc.start()
     try:
         node.start()
@@ -107,8 +122,9 @@ def test_orthanc_round_trip(siim: list[Path],
         found = []
         for study in studies:
             for instance in orthanc.rest("GET", f"/studies/{study}/instances"):
-                found.append(orthanc.rest(
-                    "GET", f"/instances/{instance['ID']}/metadata/SopClassUid"))
+                # metadata values are plain text, not JSON
+                found.append(orthanc.raw(
+                    "GET", f"/instances/{instance['ID']}/metadata/SopClassUid").decode())
         return found
 
     wait_for(lambda: len(classes()) >= 3 * len(siim), 300,
