@@ -11,7 +11,7 @@ import pytest
 import synthetic
 from harness import NodeProcess, StoreSCP, free_port, storescu, wait_for, write_config
 
-from pneumonode.inference.card import InputSpec, ModelCard, Thresholds, TrainingInfo, TTA
+from pneumonode.inference.card import TTA, InputSpec, ModelCard, Thresholds, TrainingInfo
 from pneumonode.nets.attention_unet import build_attention_unet
 
 pytestmark = pytest.mark.slow
