@@ -1,0 +1,1 @@
+"""Offline training: data, augmentation, losses, recipes and export of model packages."""
