@@ -127,16 +127,15 @@ def upgrade(engine: Engine, revision: str = "head") -> UpgradeResult:
     return UpgradeResult(before=before, after=after, adopted=adopted)
 
 
-def upgrade_sql(url: str, revision: str = "head", start: str | None = None) -> str:
-    """The SQL that :func:`upgrade` would run from ``start`` (None: an empty database).
+def upgrade_sql(url: str, revision: str = "head") -> str:
+    """The SQL that :func:`upgrade` runs on an empty database of ``url``'s kind, as text.
 
-    For a database administrator who applies schema changes by hand.
+    For a database administrator who applies schema changes by hand; nothing is connected.
     """
     buffer = io.StringIO()
     config = _config(url=url)
     config.output_buffer = buffer
-    target = revision if start is None else f"{start}:{revision}"
-    command.upgrade(config, target, sql=True)
+    command.upgrade(config, revision, sql=True)
     return buffer.getvalue()
 
 
