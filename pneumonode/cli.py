@@ -499,7 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upgrade = add("upgrade", cmd_db_upgrade, "migrate the job database to the newest schema", db)
     upgrade.add_argument("--revision", default="head", help="target revision (default: head)")
-    upgrade.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
+    upgrade.add_argument(
+        "--sql", action="store_true", help="print the SQL from an empty database; run nothing"
+    )
     add("current", cmd_db_current, "print the schema revision of the job database", db)
 
     config = sub.add_parser("config", help="configuration").add_subparsers(
