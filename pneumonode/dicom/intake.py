@@ -13,7 +13,9 @@ from enum import IntEnum
 from pathlib import Path
 
 from pydicom.charset import python_encoding
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException
 from sqlalchemy.exc import SQLAlchemyError
 
 from pneumonode.queue.repository import JobRepository, NewJob
@@ -23,16 +25,8 @@ LOGGER = logging.getLogger(__name__)
 ACCEPTED_MODALITIES = frozenset({"CR", "DX"})
 CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "CHEST_LAT", "CHESTABDOMEN"})
 _UID_CHARS = frozenset("0123456789.")
-#: Image Pixel module attributes that must be integers for the pixel data to be decoded.
-_PIXEL_INTEGERS = (
-    "SamplesPerPixel",
-    "Rows",
-    "Columns",
-    "BitsAllocated",
-    "BitsStored",
-    "HighBit",
-    "PixelRepresentation",
-)
+#: Deepest sequence nesting accepted (a deeper one is a parser bomb, not a radiograph).
+MAX_SEQUENCE_DEPTH = 16
 
 
 class Status(IntEnum):
@@ -57,6 +51,7 @@ class Outcome(IntEnum):
 #: Errors pydicom raises when a received element's value cannot be converted (wrong VR, odd
 #: length, undecodable text): the instance cannot be understood.
 _HEADER_ERRORS = (
+    BytesLengthException,
     AttributeError,
     IndexError,
     KeyError,
@@ -110,15 +105,11 @@ def skip_reason(ds: Dataset) -> str | None:
 
 
 def _header_reason(ds: Dataset) -> str | None:
-    """Why the header cannot describe a decodable image (wrong VRs, unusable numbers), or None."""
+    """Why the header cannot describe a decodable image (character set, rescale), or None."""
     charsets = ds.get("SpecificCharacterSet") or []
     for charset in [charsets] if isinstance(charsets, str) else charsets:
         if str(charset).strip() not in python_encoding:
             return f"specific character set {str(charset)[:32]!r} is not a DICOM character set"
-    for keyword in _PIXEL_INTEGERS:
-        value = ds.get(keyword)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            return f"{keyword} {str(value)[:32]!r} (VR {ds[keyword].VR}) is not an integer"
     for keyword in ("RescaleSlope", "RescaleIntercept"):
         value = ds.get(keyword)
         if value is None or value == "":
@@ -129,6 +120,40 @@ def _header_reason(ds: Dataset) -> str | None:
             return f"{keyword} {str(value)[:32]!r} is not a number"
         if not math.isfinite(number):
             return f"{keyword} {str(value)[:32]!r} is not a finite number"
+    return None
+
+
+def unreadable_element(ds: Dataset, depth: int = 0) -> str | None:
+    """Why a standard element of ``ds`` cannot be read, or None when every one can.
+
+    Every public element, in sequences too, must carry the VR the standard gives it (or UN) and
+    its value must convert with that VR; sequences may nest at most ``MAX_SEQUENCE_DEPTH`` deep.
+    Such an instance cannot be understood (0xC000): the node never stores bytes that would fail
+    later, in the worker, with the raw value (a patient name, say) in the error. The reason names
+    the tag and the VRs, never the value. Private elements are not checked: they are not used.
+    """
+    if depth > MAX_SEQUENCE_DEPTH:
+        return f"sequences are nested more than {MAX_SEQUENCE_DEPTH} deep"
+    for tag in list(ds.keys()):
+        if tag.is_private:
+            continue
+        declared = ds.get_item(tag).VR  # None in implicit VR: the dictionary's is used
+        try:
+            standard = dictionary_VR(tag)
+        except KeyError:
+            standard = None
+        if standard is not None and declared is not None:
+            if not set(declared.split(" or ")) & {*standard.split(" or "), "UN"}:
+                return f"element {tag} has VR {declared}; the standard's is {standard}"
+        try:
+            element = ds[tag]
+        except (*_HEADER_ERRORS, RecursionError) as exc:
+            return f"element {tag} cannot be read as {declared or standard} ({type(exc).__name__})"
+        if element.VR == "SQ":
+            for item in element.value:
+                reason = unreadable_element(item, depth + 1)
+                if reason is not None:
+                    return reason
     return None
 
 
@@ -261,9 +286,12 @@ class Intake:
 
     @staticmethod
     def _read_header(header: Dataset) -> tuple[str | None, str | None]:
-        """(SOP Instance UID, skip reason), or (None, refusal) when a UID is invalid."""
+        """(SOP Instance UID, skip reason), or (None, refusal) when the instance is refused."""
         for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
             value = header.get(keyword)
             if not is_valid_uid(value):
                 return None, f"{keyword} is not a valid UID: {str(value)[:80]!r}"
+        unreadable = unreadable_element(header)
+        if unreadable is not None:
+            return None, unreadable
         return str(header.SOPInstanceUID), skip_reason(header)

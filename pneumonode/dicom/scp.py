@@ -155,9 +155,10 @@ class AccessPolicy:
         return None
 
 
-def handle_requested(event: Event, policy: AccessPolicy) -> None:
+def handle_requested(event: Event, policy: AccessPolicy | Callable[[], AccessPolicy]) -> None:
     """Reject an association request that the access policy refuses, before negotiation.
 
+    ``policy`` is the policy, or a function returning the one in force (it may be reloaded).
     The rejection is permanent with the reason "calling AE title not recognized" (PS3.8 9.3.4).
     A request that cannot be checked is rejected too.
     """
@@ -169,7 +170,8 @@ def handle_requested(event: Event, policy: AccessPolicy) -> None:
         if primitive is None:
             raise ValueError("no A-ASSOCIATE request primitive")
         calling = str(primitive.calling_ae_title).strip()
-        refusal = policy.refusal(calling, address)
+        current = policy if isinstance(policy, AccessPolicy) else policy()
+        refusal = current.refusal(calling, address)
     except Exception:  # fail closed: an unchecked request must not get in
         LOGGER.exception("cannot check the association request from %s", address)
         refusal = "the association request could not be checked"
@@ -368,7 +370,7 @@ class DicomServer:
         """
         handlers: Sequence[Any] = [
             (evt.EVT_CONN_OPEN, handle_conn_open),
-            (evt.EVT_REQUESTED, handle_requested, [self._policy]),
+            (evt.EVT_REQUESTED, handle_requested, [lambda: self._policy]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self._intake, self._limits]),
         ]
@@ -393,6 +395,13 @@ class DicomServer:
             " (TLS)" if self._tls is not None else "",
         )
         return str(host), int(port)
+
+    def reload_access(self, settings: Settings) -> None:
+        """Apply the allowlist and ``[[peers]]`` of ``settings`` to new associations.
+
+        Peer host names are resolved again, once, here.
+        """
+        self._policy = AccessPolicy.from_settings(settings)
 
     def stop_accepting(self) -> None:
         """Stop accepting new associations; those in progress finish."""

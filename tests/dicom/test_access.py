@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import synthetic
@@ -151,3 +152,25 @@ def test_ipv6_peers_bound_to_their_hosts(bound_listener: tuple[int, JobRepositor
     assert _echo_from("::1", port, "BYNAME")[0] is localhost_has_v6
     assert _echo_from("::1", port, "PEER4") == (False, REJECT_CALLING_AE)
     assert _echo_from("127.0.0.1", port, "PEER4") == (True, None)
+
+
+def test_reloaded_peers_apply_to_new_associations(tmp_path: Path) -> None:
+    port = free_port()
+    before = Settings(node={"port": port, "host": "127.0.0.1", "data_dir": tmp_path / "data",
+                            "check_peer_host": True}, peers=PEERS)
+    server = DicomServer(before, Intake(tmp_path / "data", JobRepository(
+        _schema(make_engine(f"sqlite:///{tmp_path / 'jobs.db'}")))))
+    server.start()
+    try:
+        assert _echo_from("127.0.0.1", port, "NEWCOMER")[0] is False
+        after = before.model_copy(update={"peers": Settings(peers=[
+            *PEERS, {"ae_title": "NEWCOMER", "host": "127.0.0.1", "port": 104}]).peers})
+        server.reload_access(after)
+        assert _echo_from("127.0.0.1", port, "NEWCOMER") == (True, None)
+    finally:
+        server.shutdown()
+
+
+def _schema(engine: Any) -> Any:
+    create_schema(engine)
+    return engine

@@ -63,6 +63,8 @@ NAME_OUTCOMES = {"jis": "failed:writing results failed"}
 UNDECLARED_NAME = "Ñandú^Pingüino "
 #: Other identifying values of the corpus; none may appear in the log either.
 SECRETS = ("HOSTILE^PATIENT", "HOSTILEPID0042", "19010101")
+#: A patient name sent with a wrong VR (its bytes would appear in a conversion error).
+WRONG_VR_NAME = "SECRETPN^NAMEX"
 #: Malformed identifiers (each of even length): birth date, patient ID, patient name.
 MALFORMED_IDS = ("1901-01-01", "PID\x01SECRET", "SECRET\x07NAME^X ")
 
@@ -255,14 +257,25 @@ def _private(ds: Dataset) -> None:
     ds.add_new(0x00131010, "LO", "no creator")
 
 
-def _deep_sequence(ds: Dataset) -> None:
-    inner = Dataset()
-    inner.CodeMeaning = "bottom"
-    for _ in range(60):
-        outer = Dataset()
-        outer.ContentSequence = [inner]
-        inner = outer
-    ds.ContentSequence = [inner]
+def _deep_sequence(levels: int) -> Callable[[Dataset], None]:
+    def change(ds: Dataset) -> None:
+        inner = Dataset()
+        inner.CodeMeaning = "bottom"
+        for _ in range(levels - 1):
+            outer = Dataset()
+            outer.ContentSequence = [inner]
+            inner = outer
+        ds.ContentSequence = [inner]
+    return change
+
+
+def _nested_undefined_length(levels: int) -> bytes:
+    """Content Sequence in Content Sequence ``levels`` deep, all of undefined length."""
+    sequence = struct.pack("<HH", 0x0040, 0xA730) + b"SQ\0\0" + b"\xff" * 4
+    item, item_end, sequence_end = (struct.pack("<HHL", 0xFFFE, e, n) for e, n in
+                                     ((0xE000, 0xFFFFFFFF), (0xE00D, 0), (0xE0DD, 0)))
+    bottom = raw_element(0x00080104, "LO", b"bottom")
+    return (sequence + item) * levels + bottom + (item_end + sequence_end) * levels
 
 
 def _big_private(ds: Dataset) -> None:
@@ -353,8 +366,7 @@ def _build_cases() -> list[Case]:
                  "skipped:Rows*Columns must not exceed", _bomb, syntax=JPEG2000Lossless),
         _changed("zero-rows", "Rows 0", "skipped:Rows and Columns must be positive",
                  _set(Rows=0)),
-        _raw("negative-columns", "Columns sent with VR SS as -32",
-             "skipped:Rows and Columns must be positive",
+        _raw("negative-columns", "Columns sent with VR SS as -32", "status:0xC000",
              {0x00280011: raw_element(0x00280011, "SS", struct.pack("<h", -32))}),
         _changed("bits-stored-over-allocated", "Bits Stored 24 > Bits Allocated 16",
                  "skipped:pixel data", _set(BitsStored=24, HighBit=23)),
@@ -402,9 +414,9 @@ def _build_cases() -> list[Case]:
         # --- private tags, VRs, lengths
         _changed("private-tags", "private block, OB/UN private data, an orphan private tag",
                  "done", _private),
-        _raw("modality-wrong-vr", "Modality sent with VR US (binary 2 bytes)",
-             "skipped:modality '22596'", {0x00080060: raw_element(0x00080060, "US", b"\x44\x58")}),
-        _raw("rows-wrong-vr", "Rows sent as text with VR DS", "skipped:Rows '32'",
+        _raw("modality-wrong-vr", "Modality sent with VR US (binary 2 bytes)", "status:0xC000",
+             {0x00080060: raw_element(0x00080060, "US", b"\x44\x58")}),
+        _raw("rows-wrong-vr", "Rows sent as text with VR DS", "status:0xC000",
              {0x00280010: raw_element(0x00280010, "DS", b"32")}),
         _raw("odd-length-text", "Modality with odd length 3 'DX\\0'", "done",
              {0x00080060: raw_element(0x00080060, "CS", b"DX\0")}),
@@ -414,7 +426,13 @@ def _build_cases() -> list[Case]:
              "done", {0x00100030: raw_element(0x00100030, "DA", MALFORMED_IDS[0].encode()),
                       0x00100020: raw_element(0x00100020, "LO", MALFORMED_IDS[1].encode()),
                       0x00100010: raw_element(0x00100010, "PN", MALFORMED_IDS[2].encode())}),
-        _changed("deep-sequence", "a sequence nested 60 levels deep", "done", _deep_sequence),
+        _changed("nested-sequences", "sequences nested 8 levels deep", "done", _deep_sequence(8)),
+        _raw("sequence-bomb", "sequences of undefined length nested 5000 levels deep",
+             "status:0xC000", {0x0040A730: _nested_undefined_length(5000)}),
+        _raw("name-wrong-vr", "Patient Name sent with VR UL and 14 bytes", "status:0xC000",
+             {0x00100010: raw_element(0x00100010, "UL", WRONG_VR_NAME.encode())}),
+        _raw("name-as-sequence", "Patient Name sent as a sequence", "status:0xC000",
+             {0x00100010: raw_element(0x00100010, "SQ", WRONG_VR_NAME.encode())}),
         _changed("oversized-instance", "3 MiB of private data (limit node.max_instance_mb=2)",
                  "status:0xA700", _big_private),
     ]
