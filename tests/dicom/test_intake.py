@@ -10,9 +10,19 @@ from pathlib import Path
 import pydicom
 import pytest
 import synthetic
+from hostile.corpus import raw_element, spliced
+from pydicom.filereader import read_dataset
 from sqlalchemy.exc import OperationalError
 
-from pneumonode.dicom.intake import Intake, Outcome, Status, is_valid_uid, skip_reason
+from pneumonode.dicom.intake import (
+    MAX_SEQUENCE_DEPTH,
+    Intake,
+    Outcome,
+    Status,
+    is_valid_uid,
+    skip_reason,
+    unreadable_element,
+)
 from pneumonode.queue.db import create_schema, make_engine
 from pneumonode.queue.repository import JobRepository
 
@@ -147,3 +157,53 @@ def test_database_down_answers_out_of_resources_and_removes_spool_file(
     result = intake.receive(ds, encoded(ds), "A", None)
     assert result.status == Status.OUT_OF_RESOURCES
     assert spool_files(tmp_path / "data") == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"SpecificCharacterSet": "ISO_IR 999"}, "specific character set 'ISO_IR 999' is not"),
+        ({"SpecificCharacterSet": ["", "ISO 2022 IR 87"]}, None),
+        ({"RescaleSlope": "NaN"}, "RescaleSlope 'NaN' is not a finite number"),
+        ({"RescaleIntercept": "-inf"}, "RescaleIntercept '-inf' is not a finite number"),
+        ({"PixelData": b""}, "no pixel data"),
+    ],
+)
+def test_skip_reason_for_unusable_headers(changes: dict[str, object], expected: str | None) -> None:
+    ds = synthetic.make_radiograph(rows=16, columns=16)
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    reason = skip_reason(ds)
+    assert reason == expected if expected is None else str(reason).startswith(expected)
+
+
+def _parsed(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds`` as the listener sees it: read back from its encoding, values not yet converted."""
+    return pydicom.dcmread(BytesIO(encoded(ds)))
+
+
+def test_unreadable_elements_are_refused_without_their_value(
+    tmp_path: Path, repo: JobRepository
+) -> None:
+    intake = Intake(tmp_path / "data", repo)
+    assert unreadable_element(_parsed(synthetic.make_radiograph(rows=16, columns=16))) is None
+    wrong_vr = synthetic.make_radiograph(rows=16, columns=16, seed=1)
+    data = spliced(wrong_vr, {0x00100010: raw_element(0x00100010, "UL", b"SECRET^NAMEX")})
+    header = read_dataset(BytesIO(data), is_implicit_VR=False, is_little_endian=True)
+    reason = unreadable_element(header)
+    assert reason == "element (0010,0010) has VR UL; the standard's is PN"
+    result = intake.receive(header, data, "A", None)
+    assert result.status == Status.CANNOT_UNDERSTAND and "SECRET" not in str(result.reason)
+    odd = spliced(wrong_vr, {0x00280010: raw_element(0x00280010, "US", b"\x10\x00\x00")})
+    header = read_dataset(BytesIO(odd), is_implicit_VR=False, is_little_endian=True)
+    assert unreadable_element(header) == (
+        "element (0028,0010) cannot be read as US (BytesLengthException)")
+    deep = synthetic.make_radiograph(rows=16, columns=16, seed=2)
+    item = pydicom.Dataset()
+    for _ in range(MAX_SEQUENCE_DEPTH + 1):
+        outer = pydicom.Dataset()
+        outer.ContentSequence = [item]
+        item = outer
+    deep.ContentSequence = [item]
+    assert "nested more than" in str(unreadable_element(_parsed(deep)))
+    assert repo.list_jobs() == [] and spool_files(tmp_path / "data") == []
