@@ -216,7 +216,7 @@ def make_phantom(
     ribs = cv2.GaussianBlur(_ribs(rng, size), (0, 0), size / 250)
     image += (0.11 * ribs) * body.mask(size)
 
-    image = cv2.GaussianBlur(image, (0, 0), size / 350)
+    image = np.asarray(cv2.GaussianBlur(image, (0, 0), size / 350), dtype=np.float32)
     image += rng.normal(0.0, 0.015, (size, size)).astype(np.float32)
     gain = rng.uniform(0.85, 1.15)
     offset = rng.uniform(-0.05, 0.05)
