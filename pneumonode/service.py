@@ -277,6 +277,8 @@ class Node:
                 worker.reload(merged)
             for sender in self._senders:
                 sender.reload(merged)
+            if self._server is not None:
+                self._server.reload_access(merged)
         return ignored
 
     def stop(self, timeout_s: float = 120.0) -> None:

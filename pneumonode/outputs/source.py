@@ -28,6 +28,7 @@ from contextlib import contextmanager
 
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
 
 __all__ = ["patient_orientation", "quiet_person_name_warnings", "source_metadata"]
@@ -93,6 +94,11 @@ def source_metadata(source: Dataset) -> Dataset:
     for keyword in _TYPE2_TEXT:
         if keyword not in meta or meta[keyword].value is None:
             setattr(meta, keyword, "")
+    charsets = meta.get("SpecificCharacterSet")
+    if isinstance(charsets, MultiValue) and len(charsets) > 1 and not str(charsets[0]).strip():
+        # An empty first value means the default repertoire with ISO 2022 code extensions
+        # (PS3.3 C.12.1.1.2); highdicom wants it spelled out.
+        meta.SpecificCharacterSet = ["ISO 2022 IR 6", *charsets[1:]]
     meta.PatientBirthDate = _valid_or_empty(source.get("PatientBirthDate"), _DATE)
     meta.StudyDate = _valid_or_empty(source.get("StudyDate"), _DATE)
     meta.StudyTime = _valid_or_empty(source.get("StudyTime"), _TIME)
