@@ -50,7 +50,7 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("pynetdicom", "apscheduler", "highdicom"):
+    for noisy in ("pynetdicom", "apscheduler", "highdicom", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
@@ -204,14 +204,14 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([dataclasses.asdict(j) for j in jobs], default=str, indent=2))
         return EXIT_OK
-    print(f"{'id':>7}  {'state':<10} {'try':>3}  {'received':<20} {'finding':<8} detail")
+    print(f"{'id':>7}  {'state':<10} {'try':>3}  {'received':<25} {'finding':<8} detail")
     for job in jobs:
         finding = "-" if job.finding_present is None else (
             "PTX" if job.finding_present else "none"
         )
         detail = job.skip_reason or job.last_error or job.sop_instance_uid
         print(
-            f"{job.id:>7}  {job.state:<10} {job.attempts:>3}  {_fmt(job.received_at):<20} "
+            f"{job.id:>7}  {job.state:<10} {job.attempts:>3}  {_fmt(job.received_at):<25} "
             f"{finding:<8} {detail}"
         )
     counts = repo.counts_by_state()
