@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,7 @@ from _common import (
     say,
     write_results,
 )
+from _profile import Recorder, Sample, categories_table, top_lines_table, total
 
 TARGET_RATIO = 0.9
 POLICIES = ("float32", "mixed_bfloat16")
@@ -60,12 +63,76 @@ def dice(a: Any, b: Any) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
+def analyse_rules() -> list[tuple[str, Callable[[Sample], bool]]]:
+    """Where ``Predictor.analyse`` spends its time, most specific first."""
+    return [
+        ("model: predict_on_batch", lambda s: s.has("Predictor._run")),
+        ("TTA: flip, concatenate, average", lambda s: s.has("Predictor.probabilities")),
+        ("prepare: resize to the model input, normalise", lambda s: s.has("Predictor.prepare")),
+        ("validate the input image (finite, range)", lambda s: s.has("_validate_image")),
+        ("post: probability resized to the source", lambda s: s.has("resize_probability")),
+        ("post: mask on the source grid", lambda s: s.has("mask_on_source")),
+        ("post: triplet threshold at model size", lambda s: s.has("triplet")),
+        ("analyse: other (stack, area, score)", lambda s: s.has("Predictor.analyse")),
+    ]
+
+
+def profile_analyse(predictor: Any, images: list[Any], spacing: tuple[float, float],
+                    seconds: float, folder: Path) -> list[Table]:
+    """py-spy on this process while ``analyse`` runs for ``seconds``; where its time goes."""
+    rate = 200
+    recorder = Recorder(os.getpid(), folder / "analyse.txt", rate=rate).start()
+    calls = 0
+    try:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            predictor.analyse(images, [spacing] * len(images))
+            calls += 1
+    finally:
+        samples = recorder.stop()
+    mine = [s for s in samples if s.has("Predictor.analyse")]
+    table = categories_table(mine, analyse_rules(),
+                             f"Profile: Predictor.analyse, float32, batch {len(images)}", rate,
+                             calls * len(images), "image")
+    table.note = (f"py-spy at {rate} Hz on this process: {total(mine)} samples over {calls} "
+                  "calls. The model's share is the Python thread's time inside "
+                  "predict_on_batch (TensorFlow's own threads do the work).")
+    lines = top_lines_table([s for s in mine if not s.has("Predictor._run")],
+                            "Profile: top lines by self time outside the model (same samples)",
+                            rate, limit=10)
+    return [table, lines]
+
+
 def make_images(count: int, size: int, seed: int) -> list[Any]:
     """``count`` chest phantoms (half with a pneumothorax) of ``size`` px, float32 in [0, 1]."""
     from training.phantoms import make_dataset
 
     images, _ = make_dataset(count, size=size, seed=seed)
     return [image for image in images]
+
+
+def variant_calls(
+    predictor: Any, models: tuple[Any, ...], images: list[Any], spacing: tuple[float, float],
+    prepared: Any, tta: Any,
+) -> dict[str, Callable[[], object]]:
+    """The four timed variants, each a call without arguments."""
+    import keras
+
+    def node() -> object:
+        return predictor.analyse(images, [spacing] * len(images))
+
+    def on_batch(x: Any) -> Callable[[], object]:
+        return lambda: [keras.ops.convert_to_numpy(m.predict_on_batch(x)) for m in models]
+
+    def predict() -> object:
+        return [m.predict(tta, batch_size=len(tta), verbose=0) for m in models]
+
+    return {
+        "node analyse": node,
+        "bare predict_on_batch (same tensors)": on_batch(tta),
+        "bare predict (same tensors)": predict,
+        "bare predict_on_batch, no TTA": on_batch(prepared),
+    }
 
 
 def _timed(call: Callable[[], object]) -> float:
@@ -84,10 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--accuracy-images", type=int, default=8,
                         help="images compared between fp32 and bf16 (default 8)")
+    parser.add_argument("--profile-seconds", type=float, default=8.0,
+                        help="seconds of py-spy sampling of analyse, fp32 batch 1 (0: none)")
     parser.add_argument("--smoke", action="store_true", help="tiny run to check the script")
     args = parser.parse_args(argv)
     if args.smoke:
         args.size, args.batches, args.rounds, args.accuracy_images = 128, "1,2", 2, 2
+        args.profile_seconds = 0.0
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     info = machine_info()
     say(f"inference: source {args.size} px, batches {batches}, {args.rounds} rounds, load "
@@ -132,19 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                 prepared = np.stack([predictor.prepare(image) for image in subset])
                 tta = np.concatenate([prepared, prepared[:, :, ::-1, :]]) if card.tta.hflip \
                     else prepared
-                calls: dict[str, Callable[[], object]] = {
-                    "node analyse": lambda p=predictor, s=subset: p.analyse(s, [spacing] * len(s)),
-                    "bare predict_on_batch (same tensors)":
-                        lambda x=tta, ms=model_list: [
-                            keras.ops.convert_to_numpy(m.predict_on_batch(x)) for m in ms],
-                    "bare predict (same tensors)":
-                        lambda x=tta, ms=model_list: [
-                            m.predict(x, batch_size=len(x), verbose=0) for m in ms],
-                    "bare predict_on_batch, no TTA":
-                        lambda x=prepared, ms=model_list: [
-                            keras.ops.convert_to_numpy(m.predict_on_batch(x)) for m in ms],
-                }
-                for variant in variants:
+                calls = variant_calls(predictor, model_list, subset, spacing, prepared, tta)
+                shift = round_no % len(variants)
+                for variant in variants[shift:] + variants[:shift]:
                     if round_no == 0:
                         calls[variant]()  # warm-up of this variant
                     times.setdefault((policy, b, variant), []).append(_timed(calls[variant]))
@@ -189,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                      "bf16 model: every layer's policy set to mixed_bfloat16 (output layer kept "
                      "float32), same weights.")
     sections = [table.markdown(), accuracy.markdown()]
+    if args.profile_seconds > 0:
+        sections += [t.markdown() for t in profile_analyse(
+            fp32, images[:1], spacing, args.profile_seconds, Path(tempfile.mkdtemp()))]
     for block in sections:
         say()
         say(block)

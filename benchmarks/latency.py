@@ -42,7 +42,14 @@ from _common import (
     write_node_config,
     write_results,
 )
-from _profile import Recorder, Sample, categories_table, top_lines_table, total
+from _profile import (
+    Recorder,
+    Sample,
+    categories_table,
+    top_functions_table,
+    top_lines_table,
+    total,
+)
 
 TARGET_MEDIAN_S = 1.0
 
@@ -230,8 +237,16 @@ def profile_tables(samples: list[Sample], name: str, images: int, rate: int) -> 
                   "time to an idle node (py-spy --idle, waits removed). TensorFlow's own threads "
                   "are not Python threads: the model's time is the Python thread's time in "
                   "predict_on_batch.")
-    return [table, top_lines_table(pipeline, f"Profile, {name}: top lines by self time (same "
-                                   "samples)", rate, limit=10)]
+    database = top_functions_table(
+        [s for s in pipeline if s.has("pneumonode/queue")],
+        f"Profile, {name}: job database time by repository call (same samples)", rate,
+        include=lambda f: "pneumonode/queue/repository" in f.file and "._" not in f.func,
+        limit=8,
+    )
+    return [table,
+            top_lines_table(pipeline, f"Profile, {name}: top lines by self time (same samples)",
+                            rate, limit=10),
+            database]
 
 
 def step_timings(sources: list[Source], model: Path | None, dest_port: int,
@@ -344,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             run_scenario(node, dest, warm, 1, True, args.gap, args.timeout * 3)
             for source, (senders, spaced) in itertools.product(sources, scenarios):
                 name = f"{senders} sender{'s' if senders > 1 else ''}, " + (
-                    "spaced (idle node)" if spaced else "burst")
+                    "spaced (idle node at each wave)" if spaced else "burst")
                 tag = f"s{len(sent):04d}"
                 files = source.fresh_copies(root / "send" / tag, tag)
                 start = time.perf_counter()
