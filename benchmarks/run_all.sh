@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 "$PY" -m pip show -q py-spy >/dev/null 2>&1 || "$PY" -m pip install -q py-spy
 status=0
-for script in ingest sending latency inference; do
+for script in ingest sending latency inference microbatch; do
     echo "== benchmarks/$script.py"
     "$PY" "benchmarks/$script.py" || status=1
 done
