@@ -279,7 +279,7 @@ class Intake:
         if reason is not None:
             LOGGER.info("job %d skipped at intake: %s", result.job_id, reason)
             return IntakeResult(Status.SUCCESS, Outcome.SKIPPED, result.job_id, reason)
-        LOGGER.info("job %d queued for SOP Instance %s", result.job_id, sop_uid)
+        LOGGER.debug("job %d queued for SOP Instance %s", result.job_id, sop_uid)
         if self._on_queued is not None:
             self._on_queued()
         return IntakeResult(Status.SUCCESS, Outcome.QUEUED, result.job_id)
