@@ -7,10 +7,11 @@ import ssl
 import threading
 from datetime import UTC, datetime
 
+from pneumonode.claims import HeldClaims
 from pneumonode.dicom.scu import Remote, SendError, Timeouts, store
 from pneumonode.dicom.tls import TlsError, client_context
 from pneumonode.observer import NodeObserver, NullObserver
-from pneumonode.queue.repository import DeliveryView, JobRepository, StaleTransition
+from pneumonode.queue.repository import DeliveryView, JobRepository
 from pneumonode.queue.retry import RetryPolicy
 from pneumonode.settings import Settings
 
@@ -75,7 +76,9 @@ class Sender:
         self._timeouts = Timeouts(
             acse=d.acse_timeout_s, dimse=d.dimse_timeout_s, network=d.network_timeout_s
         )
-        self._in_hand: set[int] = set()
+        self._claims = HeldClaims(
+            lambda delivery_id: self._repo.heartbeat_delivery(delivery_id, self.sender_id)
+        )
         self._lock = threading.Lock()
         self._tls = (settings.tls, client_context(settings.tls) if _tls_needed(settings) else None)
 
@@ -95,14 +98,8 @@ class Sender:
             self._settings = settings
 
     def beat(self) -> None:
-        """Refresh the heartbeat of the deliveries in hand."""
-        with self._lock:
-            held = list(self._in_hand)
-        for delivery_id in held:
-            try:
-                self._repo.heartbeat_delivery(delivery_id, self.sender_id)
-            except StaleTransition:
-                LOGGER.debug("delivery %d is no longer ours", delivery_id)
+        """Refresh the heartbeat of the deliveries in hand (see :class:`HeldClaims`)."""
+        self._claims.beat()
 
     def _idle_wait(self) -> None:
         poll = self._settings.worker.poll_s
@@ -124,13 +121,11 @@ class Sender:
 
     def send(self, delivery: DeliveryView) -> None:
         """Send one job's SEG and overlay to one destination and record the outcome."""
-        with self._lock:
-            self._in_hand.add(delivery.id)
+        self._claims.hold(delivery.id)
         try:
             error = self._attempt(delivery)
         finally:
-            with self._lock:
-                self._in_hand.discard(delivery.id)
+            self._claims.release(delivery.id)
         if error is None:
             self._repo.delivery_succeeded(delivery.id, self.sender_id)
             self._observer.delivered(delivery.destination, delivery.job_id)

@@ -18,7 +18,9 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
+from pneumonode.claims import HeldClaims
 from pneumonode.dicom.pixels import DecodedImage, PixelError, decode
+from pneumonode.durable import fsync_path
 from pneumonode.findings import Finding
 from pneumonode.inference.predictor import Predictor
 from pneumonode.observer import NodeObserver, NullObserver
@@ -30,7 +32,6 @@ from pneumonode.queue.repository import (
     JobRepository,
     JobView,
     ResultUIDs,
-    StaleTransition,
 )
 from pneumonode.queue.retry import RetryPolicy
 from pneumonode.settings import Settings
@@ -69,17 +70,9 @@ def _write_durably(path: Path, ds: Dataset) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".part")
     ds.save_as(tmp, enforce_file_format=True)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_path(path.parent, directory=True)
 
 
 class InferenceTimeout(RuntimeError):
@@ -173,7 +166,7 @@ class Worker:
             base_delay_s=settings.worker.retry_base_delay_s,
             max_delay_s=settings.worker.retry_max_delay_s,
         )
-        self._in_hand: set[int] = set()
+        self._claims = HeldClaims(lambda job_id: self._repo.heartbeat_job(job_id, self.worker_id))
         self._lock = threading.Lock()
         #: Inference threads left running after a timeout (they cannot be killed).
         self.abandoned_inferences = 0
@@ -184,22 +177,11 @@ class Worker:
             self._settings = settings
 
     def beat(self) -> None:
-        """Refresh the heartbeat of every job this worker holds.
-
-        A job that left ``processing`` meanwhile (finished, or its claim expired and another
-        worker took it) is no longer ours: it is dropped from the set, not an error.
-        """
-        with self._lock:
-            held = list(self._in_hand)
-        for job_id in held:
-            try:
-                self._repo.heartbeat_job(job_id, self.worker_id)
-            except StaleTransition:
-                self._release(job_id)
+        """Refresh the heartbeat of every job this worker holds (see :class:`HeldClaims`)."""
+        self._claims.beat()
 
     def _release(self, job_id: int) -> None:
-        with self._lock:
-            self._in_hand.discard(job_id)
+        self._claims.release(job_id)
 
     def run(self, stop: threading.Event) -> None:
         """Process jobs until ``stop`` is set; the job batch in hand is always finished."""
@@ -218,8 +200,7 @@ class Worker:
         if jobs and len(jobs) < cfg.batch_size and cfg.batch_wait_ms > 0:
             time.sleep(cfg.batch_wait_ms / 1000)
             jobs += self._repo.claim_jobs(self.worker_id, limit=cfg.batch_size - len(jobs))
-        with self._lock:
-            self._in_hand.update(j.id for j in jobs)
+        self._claims.hold(*(j.id for j in jobs))
         return jobs
 
     def process(self, jobs: Sequence[JobView]) -> None:
@@ -260,8 +241,7 @@ class Worker:
             for p, finding in zip(prepared, findings, strict=True):
                 self._finish(p, finding)
         finally:
-            with self._lock:
-                self._in_hand.difference_update(j.id for j in jobs)
+            self._claims.release(*(j.id for j in jobs))
 
     def _prepare(self, job: JobView) -> _Prepared | None:
         if job.spool_path is None:

@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException
 from sqlalchemy.exc import SQLAlchemyError
 
+from pneumonode.durable import fsync_path
 from pneumonode.queue.repository import JobRepository, NewJob
 
 LOGGER = logging.getLogger(__name__)
@@ -157,14 +158,6 @@ def unreadable_element(ds: Dataset, depth: int = 0) -> str | None:
     return None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Intake:
     """Turns received instances into durable jobs.
 
@@ -194,7 +187,7 @@ class Intake:
         day = self._spool / datetime.now(UTC).strftime("%Y%m%d")
         if not day.is_dir():
             day.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self._spool)
+            fsync_path(self._spool, directory=True)
         return day
 
     def _write_durably(self, encoded: bytes) -> Path:
@@ -216,7 +209,7 @@ class Intake:
         day = self._day_dir()
         final = day / name
         os.rename(tmp, final)
-        _fsync_dir(day)
+        fsync_path(day, directory=True)
         return final
 
     def receive(
