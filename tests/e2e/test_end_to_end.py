@@ -11,7 +11,9 @@ import pydicom
 import pytest
 import synthetic
 from harness import (
-    REPO,
+    SC_CLASS,
+    SEG_CLASS,
+    SIIM_DICOM,
     NodeProcess,
     StoreSCP,
     dciodvfy_errors,
@@ -20,10 +22,6 @@ from harness import (
     wait_for,
     write_config,
 )
-
-SIIM_DICOM = REPO.parent / "shared" / "data" / "siim-sample" / "dicom"
-SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 
 pytestmark = pytest.mark.slow
 

@@ -9,13 +9,12 @@ import keras
 import pydicom
 import pytest
 import synthetic
-from harness import NodeProcess, StoreSCP, free_port, storescu, wait_for, write_config
+from harness import SEG_CLASS, NodeProcess, StoreSCP, free_port, storescu, wait_for, write_config
 
 from pneumonode.inference.card import TTA, InputSpec, ModelCard, Thresholds, TrainingInfo
 from pneumonode.nets.attention_unet import build_attention_unet
 
 pytestmark = pytest.mark.slow
-SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 def snapshot_package(folder: Path) -> ModelCard:

@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 from harness import (
     PEER_ENV,
-    REPO,
+    SC_CLASS,
+    SEG_CLASS,
+    SIIM_DICOM,
     NodeProcess,
     free_port,
     make_tiny_package,
@@ -22,10 +24,6 @@ from harness import (
     wait_for,
     write_config,
 )
-
-SIIM_DICOM = REPO.parent / "shared" / "data" / "siim-sample" / "dicom"
-SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 
 pytestmark = pytest.mark.slow
 
