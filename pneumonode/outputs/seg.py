@@ -4,11 +4,34 @@ The SEG is in the source's study, in a new series, on the source's exact pixel g
 references the source SOP Instance. Its one segment is SCT 49755003 "Morphologically Abnormal
 Structure" / SCT 36118008 "Pneumothorax", AUTOMATIC, with the model as Segmentation Algorithm
 Identification (family DCM 123110 "Artificial Intelligence") and as Contributing Equipment
-(IHE AI Results). A negative image gets a valid SEG whose single frame is empty.
+(IHE AI Results). A negative image gets a valid SEG whose single frame is empty. Its Content
+Description always ends with "NOT FOR DIAGNOSTIC USE" and its Content Creator's Name (Type 2 in
+DCMTK's reading) names the node.
 
-For a projection radiograph there is no Frame of Reference: the SEG carries the source's
-Patient Orientation and no Pixel Measures (see :mod:`pneumonode.outputs.source`), which dciodvfy
-accepts and ``highdicom.seg.segread`` reads back.
+Geometry of a projection radiograph. A CR or DX image has no patient-relative 3-D Frame of
+Reference, so the SEG has none either: each SEG pixel corresponds to the source pixel at the same
+row and column, stated by the Derivation Image functional group (PS3.3 A.51.5.1), which is what
+the standard requires without a Frame of Reference. PS3.3 (2024) Table A.51-2 makes Pixel
+Measures, Plane Position (Patient) and Plane Orientation (Patient) required only with a
+patient-relative Frame of Reference and "may be present" only then; earlier editions, and
+dciodvfy (dicom3tools 2022, which finds no error in the result), allow them beside the
+Derivation Image group. The readers that open a SEG, however, need them: dcmqi stops with
+"Plane Orientation (Patient) is missing", the pydicom-seg readers with "Pixel measures FG is
+missing", ``@cornerstonejs/adapters`` and OHIF fail on the absent ImageOrientationPatient and
+PixelMeasures, and highdicom reads Pixel Measures back only with a Slice Thickness. Adding an
+invented Frame of Reference would satisfy the letter of the 2024 text but claim a 3-D space the
+film does not have, and viewers would then no longer match the SEG to its (frame-of-reference-
+less) radiograph. The choice here is therefore: no Frame of Reference, and the three groups
+describing the pixel grid alone, completed after highdicom builds the object (highdicom 0.28
+refuses ``plane_orientation`` without a Frame of Reference):
+
+* shared Pixel Measures: the source's Pixel Spacing, else its Imager Pixel Spacing, else a
+  nominal 1 mm; Slice Thickness a nominal 1 mm (a projection has no slice);
+* shared Plane Orientation (Patient) ``1\\0\\0\\0\\1\\0``: rows and columns along the image axes;
+* per-frame Plane Position (Patient) ``0\\0\\0``: the one frame at the origin of that grid.
+
+None of these values places the SEG in the patient; the Derivation Image group does, and
+Patient Orientation (copied from the source when valid) tells which way the film faces.
 
 Deterministic: the same source, finding, card, UIDs and ``created`` give a byte-identical
 object (the Dimension Organization UID, random in highdicom, is derived from the SOP UID).
@@ -29,6 +52,7 @@ from pneumonode.outputs.codes import CHEST, MORPHOLOGICALLY_ABNORMAL_STRUCTURE, 
 from pneumonode.outputs.identity import (
     NODE_MANUFACTURER,
     NODE_MODEL_NAME,
+    NOT_FOR_DIAGNOSTIC_USE,
     algorithm_identification,
     model_equipment,
     node_software_version,
@@ -38,16 +62,39 @@ from pneumonode.outputs.identity import (
 )
 from pneumonode.outputs.source import (
     patient_orientation,
+    pixel_spacing,
     quiet_person_name_warnings,
     source_metadata,
 )
 
-__all__ = ["SEGMENT_LABEL", "build_segmentation"]
+__all__ = ["SEGMENT_LABEL", "build_segmentation", "content_description"]
 
 SEGMENT_LABEL = "Pneumothorax"
 _CONTENT_LABEL = "PNEUMOTHORAX"
 _DISPLAY_COLOR = hd.color.CIELabColor(53.2, 80.1, 67.2)  # red
 _UNCONFIGURED_SERIAL = "unconfigured"
+_NOMINAL_SPACING_MM = (1.0, 1.0)
+_NOMINAL_SLICE_THICKNESS_MM = 1.0
+_GRID_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+_GRID_ORIGIN = (0.0, 0.0, 0.0)
+
+
+def content_description(card: ModelCard) -> str:
+    """Content Description of the SEG: what made it, and the warning, in at most 64 characters.
+
+    Parameters
+    ----------
+    card:
+        The model card.
+
+    Returns
+    -------
+    str
+        E.g. ``"AI attention-unet 1.0 (DEMO) - NOT FOR DIAGNOSTIC USE"``; a long model name or
+        version is shortened, the DEMO mark and the warning never are.
+    """
+    tail = (" (DEMO)" if card.demo else "") + f" - {NOT_FOR_DIAGNOSTIC_USE}"
+    return truncate(f"AI {card.name} {card.version}", 64 - len(tail)) + tail
 
 
 def build_segmentation(
@@ -127,9 +174,7 @@ def build_segmentation(
             software_versions=node_software_version(),
             device_serial_number=device_serial or _UNCONFIGURED_SERIAL,
             content_label=_CONTENT_LABEL,
-            content_description=truncate(
-                f"AI pneumothorax segmentation by {card.display_name}; not for diagnostic use"
-            ),
+            content_description=content_description(card),
             omit_empty_frames=False,
             contributing_equipment=[model_equipment(card, when)],
             series_description=series_description("pneumothorax SEG", card),
@@ -139,9 +184,28 @@ def build_segmentation(
     seg.PatientOrientation = patient_orientation(source)
     if "BodyPartExamined" in meta:
         seg.BodyPartExamined = meta.BodyPartExamined
+    seg.ContentCreatorName = f"{NODE_MODEL_NAME}^AI"
+    _add_pixel_grid_geometry(seg, pixel_spacing(source) or _NOMINAL_SPACING_MM)
     _fix_dimension_organization_uid(seg, sop_instance_uid)
     stamp_creation_time(seg, when)
     return seg
+
+
+def _add_pixel_grid_geometry(
+    seg: hd.seg.Segmentation, spacing: tuple[float, float]
+) -> None:
+    """Add Pixel Measures, Plane Orientation and Plane Position of the pixel grid (see above)."""
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    shared.PixelMeasuresSequence = hd.PixelMeasuresSequence(
+        pixel_spacing=spacing, slice_thickness=_NOMINAL_SLICE_THICKNESS_MM
+    )
+    shared.PlaneOrientationSequence = hd.PlaneOrientationSequence(
+        coordinate_system=hd.CoordinateSystemNames.PATIENT, image_orientation=_GRID_ORIENTATION
+    )
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        frame.PlanePositionSequence = hd.PlanePositionSequence(
+            coordinate_system=hd.CoordinateSystemNames.PATIENT, image_position=_GRID_ORIGIN
+        )
 
 
 def _fix_dimension_organization_uid(seg: hd.seg.Segmentation, sop_instance_uid: str) -> None:

@@ -21,6 +21,7 @@ names, whose text quotes the name itself and so would put patient data into the 
 from __future__ import annotations
 
 import copy
+import math
 import re
 import warnings
 from collections.abc import Iterator
@@ -31,7 +32,12 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
 
-__all__ = ["patient_orientation", "quiet_person_name_warnings", "source_metadata"]
+__all__ = [
+    "patient_orientation",
+    "pixel_spacing",
+    "quiet_person_name_warnings",
+    "source_metadata",
+]
 
 _SPATIAL = frozenset(
     {
@@ -137,6 +143,32 @@ def patient_orientation(source: Dataset) -> list[str]:
     if len(values) == 2 and all(_ORIENTATION.match(v) for v in values):
         return values
     return []
+
+
+def pixel_spacing(source: Dataset) -> tuple[float, float] | None:
+    """Return the source's (row, column) spacing in mm: Pixel Spacing, else Imager Pixel Spacing.
+
+    Parameters
+    ----------
+    source:
+        The received image.
+
+    Returns
+    -------
+    tuple of float, or None
+        Two finite positive numbers, or None when neither attribute holds such a pair.
+    """
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = source.get(keyword)
+        if value is None or isinstance(value, str | bytes):
+            continue
+        try:
+            numbers = [float(v) for v in value]
+        except (TypeError, ValueError):
+            continue
+        if len(numbers) == 2 and all(math.isfinite(v) and v > 0 for v in numbers):
+            return numbers[0], numbers[1]
+    return None
 
 
 @contextmanager

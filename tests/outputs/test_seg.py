@@ -142,17 +142,57 @@ def test_rebuild_with_the_same_uids_is_identical(
     ).DimensionOrganizationSequence[0].DimensionOrganizationUID
 
 
-def test_projection_geometry_no_pixel_measures_and_source_orientation(
-    real_card: ModelCard, make_finding: Callable[..., Finding]
+def test_projection_geometry_describes_the_pixel_grid_without_frame_of_reference(
+    real_card: ModelCard, make_finding: Callable[..., Finding], tmp_path: Path
 ) -> None:
-    source = synthetic.make_radiograph(rows=64, columns=64)
+    source = synthetic.make_radiograph(rows=64, columns=48, pixel_spacing=(0.15, 0.2))
     source.FrameOfReferenceUID = pydicom.uid.generate_uid()
     seg = _build(source, real_card, make_finding)
     assert list(seg.PatientOrientation) == ["L", "F"]
-    assert "PixelMeasuresSequence" not in seg.SharedFunctionalGroupsSequence[0]
     assert "FrameOfReferenceUID" not in seg
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    measures = shared.PixelMeasuresSequence[0]
+    assert [float(v) for v in measures.PixelSpacing] == [0.15, 0.2]
+    assert float(measures.SliceThickness) == 1.0
+    orientation = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+    assert [float(v) for v in orientation] == [1, 0, 0, 0, 1, 0]
+    assert len(seg.PerFrameFunctionalGroupsSequence) == 1
+    frame = seg.PerFrameFunctionalGroupsSequence[0]
+    assert [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient] == [0, 0, 0]
+    assert "DerivationImageSequence" in frame  # the normative pixel-to-pixel link stays
+    path = tmp_path / "seg.dcm"
+    pydicom.dcmwrite(path, seg, enforce_file_format=True)
+    back = hd.seg.segread(path)  # highdicom reads the Pixel Measures back
+    assert back.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness == 1.0
     source.PatientOrientation = ["X", "Y"]
     assert _build(source, real_card, make_finding).PatientOrientation in ("", [], None)
+
+
+def test_spacing_falls_back_to_imager_pixel_spacing_then_nominal(
+    real_card: ModelCard, make_finding: Callable[..., Finding]
+) -> None:
+    source = synthetic.make_radiograph(rows=32, columns=32, pixel_spacing=None)
+    source.ImagerPixelSpacing = [0.3, 0.25]
+    seg = _build(source, real_card, make_finding)
+    spacing = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    assert [float(v) for v in spacing] == [0.3, 0.25]
+    del source.ImagerPixelSpacing
+    seg = _build(source, real_card, make_finding)
+    spacing = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    assert [float(v) for v in spacing] == [1.0, 1.0]
+
+
+def test_content_description_keeps_the_warning_and_creator_is_named(
+    demo_card: ModelCard, real_card: ModelCard, make_finding: Callable[..., Finding]
+) -> None:
+    source = synthetic.make_radiograph(rows=32, columns=32)
+    long_card = demo_card.model_copy(update={"name": "n" * 64, "version": "v" * 64})
+    for card in (real_card, long_card):
+        seg = _build(source, card, make_finding)
+        text = seg.ContentDescription
+        assert len(text) <= 64 and text.endswith("NOT FOR DIAGNOSTIC USE")
+        assert ("(DEMO)" in text) == card.demo
+        assert str(seg.ContentCreatorName) == "pneumonode^AI"
 
 
 def test_invalid_patient_age_is_dropped_and_a_valid_one_kept(
