@@ -107,7 +107,7 @@ def run_worker(predictor: Predictor, datasets: list[pydicom.Dataset], batch_size
         repo = JobRepository(engine)
         intake = Intake(data_dir, repo)
         for ds in datasets:
-            intake.receive(ds, encoded(ds), "BENCH", None)
+            intake.receive(encoded(ds), "BENCH", None)
         worker = Worker(settings, repo, predictor, "bench:w0", threading.Event())
         t0 = time.perf_counter()
         while jobs := worker.claim_batch():

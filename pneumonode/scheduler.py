@@ -19,12 +19,21 @@ RETENTION_JOB_ID = "retention"
 """The id of the purge job in the scheduler."""
 
 
-def requeue_stale(repository: JobRepository, stale_after_s: float) -> int:
-    """Return expired claims (no heartbeat for ``stale_after_s``) to the queue."""
-    cutoff = datetime.now(UTC) - timedelta(seconds=stale_after_s)
-    count = repository.requeue_stale(cutoff)
+def requeue_stale(repository: JobRepository, settings: Settings) -> int:
+    """Return expired claims (no heartbeat for ``worker.stale_after_s``) to the queue.
+
+    A claim expires when its worker or sender died or wedged on it. Each such claim counted as
+    an attempt, so the retry budgets of ``[worker]`` and ``[delivery]`` apply: an image that
+    kills or hangs its worker every time ends ``failed`` with the reason instead of looping.
+    """
+    cutoff = datetime.now(UTC) - timedelta(seconds=settings.worker.stale_after_s)
+    count = repository.requeue_stale(
+        cutoff,
+        policy=settings.worker.retry_policy(),
+        delivery_policy=settings.delivery.retry_policy(),
+    )
     if count:
-        LOGGER.warning("requeued %d stale claims (no heartbeat since %s)", count, cutoff)
+        LOGGER.warning("took back %d stale claims (no heartbeat since %s)", count, cutoff)
     return count
 
 
@@ -61,7 +70,7 @@ def build_scheduler(
             heartbeat()
 
     def recover() -> None:
-        if requeue_stale(repository, cfg.stale_after_s):
+        if requeue_stale(repository, settings):
             on_requeued()
 
     def retain() -> None:

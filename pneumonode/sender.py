@@ -12,7 +12,6 @@ from pneumonode.dicom.scu import Remote, SendError, Timeouts, store
 from pneumonode.dicom.tls import TlsError, client_context
 from pneumonode.observer import NodeObserver, NullObserver
 from pneumonode.queue.repository import DeliveryView, JobRepository
-from pneumonode.queue.retry import RetryPolicy
 from pneumonode.settings import Settings
 
 LOGGER = logging.getLogger(__name__)
@@ -68,11 +67,7 @@ class Sender:
         self.sender_id = sender_id
         self._wake = wake
         d = settings.delivery
-        self._policy = RetryPolicy(
-            max_attempts=d.max_attempts,
-            base_delay_s=d.retry_base_delay_s,
-            max_delay_s=d.retry_max_delay_s,
-        )
+        self._policy = d.retry_policy()
         self._timeouts = Timeouts(
             acse=d.acse_timeout_s, dimse=d.dimse_timeout_s, network=d.network_timeout_s
         )

@@ -18,6 +18,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from pneumonode.queue.retry import RetryPolicy
+
 ENV_PREFIX = "PNEUMONODE_"
 DEFAULT_PORT = 11112
 
@@ -70,6 +72,18 @@ class NodeSettings(_Section):
         ge=0,
         description="C-STORE is refused (out of resources) while data_dir has less free; 0 = off",
     )
+    association_request_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="ARTIM: a connection's whole association request must arrive within this",
+    )
+    pdu_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Every PDU must arrive whole within this after its first byte",
+    )
 
 
 class DatabaseSettings(_Section):
@@ -114,6 +128,10 @@ class WorkerSettings(_Section):
         default=300.0, gt=0, description="A batch's inference longer than this fails the batch"
     )
 
+    def retry_policy(self) -> RetryPolicy:
+        """The processing retry budget: failed attempts and expired claims both count."""
+        return RetryPolicy(self.max_attempts, self.retry_base_delay_s, self.retry_max_delay_s)
+
     @model_validator(mode="after")
     def _stale_after_heartbeat(self) -> WorkerSettings:
         if self.stale_after_s <= 2 * self.heartbeat_s:
@@ -141,6 +159,10 @@ class DeliverySettings(_Section):
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
+
+    def retry_policy(self) -> RetryPolicy:
+        """The delivery retry budget: failed sends and expired claims both count."""
+        return RetryPolicy(self.max_attempts, self.retry_base_delay_s, self.retry_max_delay_s)
 
 
 class TlsSettings(_Section):

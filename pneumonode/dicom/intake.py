@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException
 from sqlalchemy.exc import SQLAlchemyError
 
+from pneumonode.dicom.instance import CommandIdentity, meta_elements_in_dataset, read_instance
 from pneumonode.durable import fsync_path
 from pneumonode.queue.repository import JobRepository, NewJob
 
@@ -213,34 +214,46 @@ class Intake:
         return final
 
     def receive(
-        self, header: Dataset, encoded: bytes, calling_aet: str, peer_host: str | None
+        self,
+        encoded: bytes,
+        calling_aet: str,
+        peer_host: str | None,
+        command: CommandIdentity | None = None,
     ) -> IntakeResult:
         """Store one instance; returns the status to answer.
 
-        ``header`` is the received dataset (only header attributes are read); ``encoded`` is the
-        complete DICOM file (preamble, file meta, dataset) exactly as received.
+        ``encoded`` is the complete DICOM file the spool will keep (preamble, file meta, data
+        set; see :func:`pneumonode.dicom.instance.spool_file_bytes`). It is read here with the
+        reader the worker uses, so that what intake validates is what the worker will read.
+        ``command`` holds the SOP Class and Instance UIDs the C-STORE request names; a data
+        set that names others is refused (0xA900).
 
         Never raises for a bad instance: the result's status is one of :class:`Status`
-        (0x0000 queued, skipped or duplicate; 0xA700 the spool or the database failed; 0xC000
-        the header cannot be understood).
+        (0x0000 queued, skipped or duplicate; 0xA700 the spool or the database failed; 0xA900
+        the data set does not match the request; 0xC000 it cannot be understood).
         """
         try:
+            header = read_instance(encoded)
             sop_uid, reason = self._read_header(header)
-        except _HEADER_ERRORS as exc:
-            text = f"header cannot be read ({type(exc).__name__})"
+        except Exception as exc:  # any parse failure of bytes from a peer is 0xC000
+            text = f"data set cannot be read ({type(exc).__name__})"
             LOGGER.warning("refused instance: %s", text)
+            LOGGER.debug("refused instance: parse error", exc_info=True)
             return IntakeResult(Status.CANNOT_UNDERSTAND, Outcome.REFUSED, None, text)
         if sop_uid is None:
             assert reason is not None
             LOGGER.warning("refused instance: %s", reason)
             return IntakeResult(Status.CANNOT_UNDERSTAND, Outcome.REFUSED, None, reason)
+        mismatch = _command_mismatch(header, command)
+        if mismatch is not None:
+            LOGGER.warning("refused SOP Instance %s: %s", sop_uid, mismatch)
+            return IntakeResult(Status.DATASET_DOES_NOT_MATCH, Outcome.REFUSED, None, mismatch)
         spool_rel: str | None = None
-        spool_path: Path | None = None
         if reason is None:
             try:
                 spool_path = self._write_durably(encoded)
             except OSError as exc:
-                LOGGER.exception("cannot spool SOP Instance %s: %s", sop_uid, exc.strerror)
+                LOGGER.error("cannot spool SOP Instance %s: %s", sop_uid, exc)
                 return IntakeResult(
                     Status.OUT_OF_RESOURCES, Outcome.REFUSED, None, f"spool write failed: {exc}"
                 )
@@ -257,22 +270,21 @@ class Intake:
         )
         try:
             result = self._repository.enqueue(new)
-        except SQLAlchemyError:
-            LOGGER.exception("cannot record job for SOP Instance %s", sop_uid)
-            if spool_path is not None:
-                spool_path.unlink(missing_ok=True)
+        except SQLAlchemyError as exc:
+            LOGGER.error("cannot record job for SOP Instance %s: %s", sop_uid, exc)
+            if spool_rel is not None:
+                (self._spool.parent / spool_rel).unlink(missing_ok=True)
             return IntakeResult(
                 Status.OUT_OF_RESOURCES, Outcome.REFUSED, None, "job database unavailable"
             )
-        if not result.created:
-            if spool_path is not None:
-                spool_path.unlink(missing_ok=True)
-            LOGGER.info("SOP Instance %s already queued as job %d", sop_uid, result.job_id)
+        if result.unused_spool_path is not None:
+            (self._spool.parent / result.unused_spool_path).unlink(missing_ok=True)
+        if not result.created and not result.reopened:
+            LOGGER.info("SOP Instance %s already known as job %d", sop_uid, result.job_id)
             return IntakeResult(Status.SUCCESS, Outcome.DUPLICATE, result.job_id)
         if reason is not None:
             LOGGER.info("job %d skipped at intake: %s", result.job_id, reason)
             return IntakeResult(Status.SUCCESS, Outcome.SKIPPED, result.job_id, reason)
-        LOGGER.debug("job %d queued for SOP Instance %s", result.job_id, sop_uid)
         if self._on_queued is not None:
             self._on_queued()
         return IntakeResult(Status.SUCCESS, Outcome.QUEUED, result.job_id)
@@ -284,7 +296,28 @@ class Intake:
             value = header.get(keyword)
             if not is_valid_uid(value):
                 return None, f"{keyword} is not a valid UID: {str(value)[:80]!r}"
+        meta = meta_elements_in_dataset(header)
+        if meta:
+            return None, (
+                f"the data set carries file meta elements ({', '.join(meta[:4])}); group 0002 "
+                "is not part of a data set (PS3.10 7.1)"
+            )
         unreadable = unreadable_element(header)
         if unreadable is not None:
             return None, unreadable
         return str(header.SOPInstanceUID), skip_reason(header)
+
+
+def _command_mismatch(header: Dataset, command: CommandIdentity | None) -> str | None:
+    """Why the data set does not match its C-STORE request (0xA900), or None."""
+    if command is None:
+        return None
+    for keyword, expected in (
+        ("SOPClassUID", command.sop_class_uid),
+        ("SOPInstanceUID", command.sop_instance_uid),
+    ):
+        found = str(header.get(keyword, ""))
+        if found != expected.strip():
+            shown = expected if is_valid_uid(expected.strip()) else "(an invalid UID)"
+            return f"the data set's {keyword} {found} differs from the request's {shown}"
+    return None

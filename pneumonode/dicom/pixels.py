@@ -30,14 +30,18 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pydicom
+from pydicom.encaps import generate_frames
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.processing import apply_modality_lut, apply_voi
+
+from pneumonode.dicom.codestream import CodestreamError, check_frame
 
 __all__ = ["DecodedImage", "PixelError", "decode"]
 
@@ -47,6 +51,16 @@ _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 _AUTO_PERCENTILES = (0.5, 99.5)
 _AUTO_SAMPLE_LIMIT = 4_000_000
+#: What pydicom raises for a malformed LUT (descriptor, data, VR): the LUT cannot be used.
+_LUT_ERRORS = (
+    AttributeError,
+    IndexError,
+    KeyError,
+    NotImplementedError,
+    TypeError,
+    ValueError,
+    struct.error,
+)
 
 
 class PixelError(ValueError):
@@ -115,15 +129,58 @@ def decode(ds: pydicom.Dataset, *, max_pixels: int = 60_000_000) -> DecodedImage
     """
     uid = str(ds.get("SOPInstanceUID", "<no SOP Instance UID>"))
     _check_header(ds, uid, max_pixels)
+    _check_codestream(ds, uid)
     stored = _decode_stored(ds, uid)
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    try:
+        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    except (*_LUT_ERRORS, OverflowError) as exc:
+        raise PixelError(
+            f"rule: the Modality LUT must be usable; applying it failed "
+            f"({type(exc).__name__}: {exc}) (SOP {uid})"
+        ) from exc
+    if not np.isfinite(values).all():
+        raise PixelError(
+            f"rule: rescaled pixel values must be finite; Rescale Slope "
+            f"{str(ds.get('RescaleSlope', ''))[:32]!r} and Intercept "
+            f"{str(ds.get('RescaleIntercept', ''))[:32]!r} overflow (SOP {uid})"
+        )
     image = _apply_voi(values, ds, uid)
     if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
         image = 1.0 - image
+    if not np.isfinite(image).all():
+        raise PixelError(f"rule: display values must be finite; the VOI made some NaN (SOP {uid})")
     return DecodedImage(
         image=np.clip(image, 0.0, 1.0).astype(np.float32),
         pixel_spacing_mm=_pixel_spacing(ds),
     )
+
+
+def _check_codestream(ds: pydicom.Dataset, uid: str) -> None:
+    """Refuse compressed pixel data whose codestream declares another size than the header."""
+    syntax = _transfer_syntax(ds)
+    if syntax is None or not syntax.is_encapsulated:
+        return
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except (StopIteration, ValueError, TypeError, struct.error) as exc:
+        raise PixelError(
+            f"rule: encapsulated pixel data must hold one frame; {type(exc).__name__}: {exc} "
+            f"(SOP {uid})"
+        ) from exc
+    bits = _int_or_none(ds.get("BitsAllocated")) or 0
+    try:
+        check_frame(
+            syntax,
+            frame,
+            int(ds.Rows),
+            int(ds.Columns),
+            int(ds.SamplesPerPixel),
+            max(1, (bits + 7) // 8),
+        )
+    except CodestreamError as exc:
+        raise PixelError(
+            f"rule: the compressed frame must match the header; {exc} (SOP {uid})"
+        ) from exc
 
 
 def _check_header(ds: pydicom.Dataset, uid: str, max_pixels: int) -> None:
@@ -202,7 +259,7 @@ def _apply_voi(
     if ds.get("VOILUTSequence"):
         try:
             return _voi_lut(values, ds)
-        except (AttributeError, IndexError, KeyError, NotImplementedError, ValueError) as exc:
+        except _LUT_ERRORS as exc:
             logger.warning(
                 "SOP %s: VOI LUT Sequence unusable (%s); using the window or an automatic one",
                 uid,

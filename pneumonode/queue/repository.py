@@ -134,10 +134,26 @@ class NewJob:
 
 @dataclass(frozen=True)
 class EnqueueResult:
-    """What :meth:`JobRepository.enqueue` did: the job's id and whether it was created now."""
+    """What :meth:`JobRepository.enqueue` did.
+
+    Attributes
+    ----------
+    job_id:
+        The instance's job.
+    created:
+        True when the job was created now.
+    reopened:
+        True when an existing ``skipped`` or ``failed`` job was taken up again by this resend.
+    unused_spool_path:
+        A spool file (relative to the data directory) that no job refers to after this call:
+        the new copy of a duplicate, or the old copy a reopened job replaced. The caller
+        deletes it.
+    """
 
     job_id: int
     created: bool
+    reopened: bool = False
+    unused_spool_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -325,15 +341,19 @@ class JobRepository:
         Returns
         -------
         EnqueueResult
-            The job's id and ``created=True``; for a SOP Instance UID already queued, the
-            existing job's id and ``created=False``, and nothing is written. Concurrent
-            enqueues of one UID are decided by the unique constraint.
+            The job's id and ``created=True``. For a SOP Instance UID already known, the
+            existing job's id and ``created=False``, following the resend policy: a
+            ``skipped`` or ``failed`` job is taken up again (``reopened``): processed again
+            from the new copy, or, when it already has results, its failed deliveries are
+            sent again with the same UIDs. A job in any other state is left as it is (a
+            ``done`` job is redelivered only by the operator). Concurrent enqueues of one UID
+            are decided by the unique constraint.
         """
         at = _utc(now)
         _check_text("actor", actor, WORKER_ID_LENGTH, new.sop_instance_uid)
         existing = self._find_job_id(new.sop_instance_uid)
         if existing is not None:
-            return EnqueueResult(job_id=existing, created=False)
+            return self._received_again(existing, new, at, actor)
         state = JobState.RECEIVED if new.skip_reason is None else JobState.SKIPPED
         try:
             with write_transaction(self._engine) as conn:
@@ -364,7 +384,7 @@ class JobRepository:
             existing = self._find_job_id(new.sop_instance_uid)
             if existing is None:
                 raise
-            return EnqueueResult(job_id=existing, created=False)
+            return self._received_again(existing, new, at, actor)
         logger.info("job %d: %s, SOP Instance UID %s", job_id, state, new.sop_instance_uid)
         return EnqueueResult(job_id=job_id, created=True)
 
@@ -920,15 +940,17 @@ class JobRepository:
         now: datetime | None = None,
         *,
         policy: RetryPolicy | None = None,
+        delivery_policy: RetryPolicy | None = None,
         actor: str = "scheduler",
     ) -> int:
         """Give expired claims back to the queue.
 
         ``processing`` jobs and ``sending`` deliveries whose ``heartbeat_at`` is before
         ``stale_before`` go back to ``received`` / ``pending``, due at once, with the event
-        "claim expired". With a ``policy``, work whose attempts already reached
-        ``policy.max_attempts`` ends ``failed`` instead, so an image that crashes the node
-        every time cannot loop forever.
+        "claim expired". With a ``policy``, jobs whose attempts already reached
+        ``policy.max_attempts`` end ``failed`` instead, so an image that crashes or wedges
+        its worker every time cannot loop forever; deliveries follow ``delivery_policy``
+        (``policy`` when it is not given) the same way.
 
         Returns
         -------
@@ -939,6 +961,7 @@ class JobRepository:
         cutoff = _utc(stale_before)
         _check_text("actor", actor, WORKER_ID_LENGTH, None)
         count = 0
+        delivery_budget = delivery_policy if delivery_policy is not None else policy
         with write_transaction(self._engine) as conn:
             stale_jobs = self._job_views(
                 conn,
@@ -983,7 +1006,8 @@ class JobRepository:
             )
             for delivery in stale_deliveries:
                 self._lock_job(conn, delivery.job_id)
-                give_up = policy is not None and delivery.attempts >= policy.max_attempts
+                budget = delivery_budget.max_attempts if delivery_budget is not None else None
+                give_up = budget is not None and delivery.attempts >= budget
                 to_delivery = DeliveryState.FAILED if give_up else DeliveryState.PENDING
                 detail = (
                     f"claim expired (claimed by {delivery.claimed_by}, attempt {delivery.attempts})"
@@ -1304,6 +1328,60 @@ class JobRepository:
             ).scalar_one_or_none()
         return found
 
+    def _received_again(
+        self, job_id: int, new: NewJob, at: datetime, actor: str
+    ) -> EnqueueResult:
+        """Apply the resend policy to an instance that already has job ``job_id``."""
+        duplicate = EnqueueResult(job_id, created=False, unused_spool_path=new.spool_path)
+        with write_transaction(self._engine) as conn:
+            job = self._job_view_or_raise(conn, job_id, lock=True)
+            if job.state not in (JobState.SKIPPED, JobState.FAILED):
+                return duplicate
+            deliveries = self._delivery_views(conn, _DELIVERIES.c.job_id == job_id)
+            if deliveries:
+                failed = [d for d in deliveries if d.state is DeliveryState.FAILED]
+                if not failed:
+                    return duplicate
+                detail = f"received again from {new.calling_aet}: re-sending its results"
+                self._retry_deliveries(conn, job, failed, at, actor, detail)
+                return EnqueueResult(
+                    job_id, created=False, reopened=True, unused_spool_path=new.spool_path
+                )
+            if new.skip_reason is not None and job.state is JobState.SKIPPED:
+                return duplicate
+            to = JobState.RECEIVED if new.skip_reason is None else JobState.SKIPPED
+            self._update_job(
+                conn,
+                job_id,
+                expected=job.state,
+                worker_id=None,
+                transition="received again",
+                values={
+                    "state": to,
+                    "spool_path": new.spool_path,
+                    "skip_reason": new.skip_reason,
+                    "calling_aet": new.calling_aet,
+                    "peer_host": new.peer_host,
+                    "attempts": 0,
+                    "next_attempt_at": at,
+                    "last_error": None,
+                    "claimed_by": None,
+                    "heartbeat_at": None,
+                    "updated_at": at,
+                },
+            )
+            detail = f"received again from {new.calling_aet}: processed again"
+            if new.skip_reason is not None:
+                detail += f"; skipped: {new.skip_reason}"
+            self._event(conn, job_id, at, job.state, to, actor, detail)
+        logger.info("job %d: %s, now %s", job_id, detail, to)
+        return EnqueueResult(
+            job_id,
+            created=False,
+            reopened=True,
+            unused_spool_path=job.spool_path if job.spool_path != new.spool_path else None,
+        )
+
     def _retry_deliveries(
         self,
         conn: Connection,
@@ -1311,6 +1389,7 @@ class JobRepository:
         failed: Sequence[DeliveryView],
         at: datetime,
         actor: str,
+        detail: str = "operator retry",
     ) -> None:
         for delivery in failed:
             self._update_delivery(
@@ -1335,7 +1414,7 @@ class JobRepository:
                 DeliveryState.FAILED,
                 DeliveryState.PENDING,
                 actor,
-                "operator retry",
+                detail,
                 destination=delivery.destination,
             )
         if job.state is JobState.FAILED:
@@ -1344,7 +1423,7 @@ class JobRepository:
                 job.id,
                 expected=JobState.FAILED,
                 worker_id=None,
-                transition="operator retry of deliveries",
+                transition=f"{detail} (deliveries)",
                 values={"state": JobState.DELIVERING, "updated_at": at},
             )
             destinations = ", ".join(d.destination for d in failed)
@@ -1355,7 +1434,7 @@ class JobRepository:
                 JobState.FAILED,
                 JobState.DELIVERING,
                 actor,
-                f"operator retry: re-sending to {destinations}",
+                f"{detail}: re-sending to {destinations}",
             )
 
     def _settle_job(self, conn: Connection, job_id: int, at: datetime, actor: str) -> None:

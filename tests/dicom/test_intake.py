@@ -23,6 +23,7 @@ from pneumonode.dicom.intake import (
     skip_reason,
     unreadable_element,
 )
+from pneumonode.dicom.instance import spool_file_bytes
 from pneumonode.queue.db import create_schema, make_engine
 from pneumonode.queue.repository import JobRepository
 
@@ -86,7 +87,7 @@ def test_receive_writes_exact_bytes_and_one_job(tmp_path: Path, repo: JobReposit
     intake = Intake(tmp_path / "data", repo, on_queued=lambda: woken.append(1))
     ds = synthetic.make_radiograph(rows=64, columns=48)
     raw = encoded(ds)
-    result = intake.receive(ds, raw, "MODALITY", "127.0.0.1")
+    result = intake.receive(raw, "MODALITY", "127.0.0.1")
     assert (result.status, result.outcome) == (Status.SUCCESS, Outcome.QUEUED)
     job = repo.get_job(result.job_id)
     assert job is not None and job.state == "received" and job.calling_aet == "MODALITY"
@@ -99,8 +100,8 @@ def test_receive_writes_exact_bytes_and_one_job(tmp_path: Path, repo: JobReposit
 def test_duplicate_is_acknowledged_without_second_job(tmp_path: Path, repo: JobRepository) -> None:
     intake = Intake(tmp_path / "data", repo)
     ds = synthetic.make_radiograph(rows=32, columns=32)
-    first = intake.receive(ds, encoded(ds), "A", None)
-    second = intake.receive(ds, encoded(ds), "B", None)
+    first = intake.receive(encoded(ds), "A", None)
+    second = intake.receive(encoded(ds), "B", None)
     assert second.status == Status.SUCCESS and second.outcome == Outcome.DUPLICATE
     assert second.job_id == first.job_id
     assert len(repo.list_jobs()) == 1
@@ -112,7 +113,7 @@ def test_not_a_chest_radiograph_is_acknowledged_and_skipped(
 ) -> None:
     intake = Intake(tmp_path / "data", repo)
     ds = synthetic.make_radiograph(rows=32, columns=32, body_part="KNEE")
-    result = intake.receive(ds, encoded(ds), "A", None)
+    result = intake.receive(encoded(ds), "A", None)
     assert result.status == Status.SUCCESS and result.outcome == Outcome.SKIPPED
     job = repo.get_job(result.job_id)
     assert job is not None and job.state == "skipped"
@@ -124,7 +125,7 @@ def test_invalid_uid_cannot_be_understood(tmp_path: Path, repo: JobRepository) -
     intake = Intake(tmp_path / "data", repo)
     ds = synthetic.make_radiograph(rows=32, columns=32)
     ds.SOPInstanceUID = "1.2.3/../../x"
-    result = intake.receive(ds, encoded(ds), "A", None)
+    result = intake.receive(encoded(ds), "A", None)
     assert result.status == Status.CANNOT_UNDERSTAND
     assert repo.list_jobs() == [] and spool_files(tmp_path / "data") == []
 
@@ -139,7 +140,7 @@ def test_disk_full_answers_out_of_resources_and_records_nothing(
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr("pneumonode.dicom.intake.os.write", full)
-    result = intake.receive(ds, encoded(ds), "A", None)
+    result = intake.receive(encoded(ds), "A", None)
     assert result.status == Status.OUT_OF_RESOURCES
     assert repo.list_jobs() == [] and spool_files(tmp_path / "data") == []
 
@@ -154,7 +155,7 @@ def test_database_down_answers_out_of_resources_and_removes_spool_file(
         raise OperationalError("INSERT", {}, Exception("database is locked"))
 
     monkeypatch.setattr(repo, "enqueue", down)
-    result = intake.receive(ds, encoded(ds), "A", None)
+    result = intake.receive(encoded(ds), "A", None)
     assert result.status == Status.OUT_OF_RESOURCES
     assert spool_files(tmp_path / "data") == []
 
@@ -192,8 +193,9 @@ def test_unreadable_elements_are_refused_without_their_value(
     header = read_dataset(BytesIO(data), is_implicit_VR=False, is_little_endian=True)
     reason = unreadable_element(header)
     assert reason == "element (0010,0010) has VR UL; the standard's is PN"
-    result = intake.receive(header, data, "A", None)
+    result = intake.receive(spool_file_bytes(data, wrong_vr.file_meta, 1 << 30), "A", None)
     assert result.status == Status.CANNOT_UNDERSTAND and "SECRET" not in str(result.reason)
+    assert result.reason == "element (0010,0010) has VR UL; the standard's is PN"
     odd = spliced(wrong_vr, {0x00280010: raw_element(0x00280010, "US", b"\x10\x00\x00")})
     header = read_dataset(BytesIO(odd), is_implicit_VR=False, is_little_endian=True)
     assert unreadable_element(header) == (

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from pydicom.errors import BytesLengthException
 from pydicom.filereader import read_dataset
 
+from pneumonode.dicom.instance import spool_file_bytes
 from pneumonode.dicom.intake import Intake, Outcome, Status, is_valid_uid, skip_reason
 from pneumonode.dicom.pixels import DecodedImage, PixelError, decode
 from pneumonode.queue.db import create_schema, make_engine
@@ -131,12 +132,14 @@ def test_receive_never_raises_and_answers_a_documented_status(
     fuzz_intake: tuple[Intake, JobRepository, Path], replace: dict[int, bytes | None], seed: int
 ) -> None:
     intake, repo, data_dir = fuzz_intake
-    parsed = _header(replace, seed)
+    uid = f"2.25.{seed}".encode()
+    fresh = raw_element(0x00080018, "UI", uid + b"\0" * (len(uid) % 2))  # new instances too
+    parsed = _header({**replace, 0x00080018: fresh}, seed)
     if parsed is None:
         return
-    header, data = parsed
-    header.SOPInstanceUID = f"2.25.{seed}"  # new instances, not only duplicates
-    result = intake.receive(header, data, "FUZZER", "127.0.0.1")
+    header, dataset = parsed
+    data = spool_file_bytes(dataset, header.file_meta, 1 << 30)
+    result = intake.receive(data, "FUZZER", "127.0.0.1")
     assert result.status in (Status.SUCCESS, Status.CANNOT_UNDERSTAND)
     if result.status == Status.CANNOT_UNDERSTAND:
         assert result.outcome == Outcome.REFUSED and result.job_id is None and result.reason
