@@ -18,7 +18,8 @@ In the code published with the paper, the attention block multiplied the gate's 
 intermediate sum (``theta_x + phi_g`` after the sigmoid) instead of the skip features, so the
 skip reaching the decoder was not the encoder's features weighted by attention. Here the
 attention coefficients multiply the skip features ``x`` themselves, as in Oktay et al. (2018):
-``out = x * alpha``. See :mod:`pneumonode.nets.gates`.
+``out = x * alpha``. See :mod:`pneumonode.nets.gates`. ``architecture="paper"`` builds the
+published graph instead (the gate's output replaces the skip), to compare the two.
 
 Every layer has an explicit, stable name (``enc{i}_*``, ``bottleneck_*``, ``dec{i}_*``,
 ``gate{i}``, ``output``) so that weights can be inspected and mapped by name.
@@ -88,7 +89,13 @@ def apply_encoder_level(x: Any, filters: int, dropout: float, name: str) -> tupl
 
 
 def apply_decoder_level(
-    x: Any, skip: Any, filters: int, dropout: float, name: str, gate_name: str
+    x: Any,
+    skip: Any,
+    filters: int,
+    dropout: float,
+    name: str,
+    gate_name: str,
+    gate_mode: str = "fixed",
 ) -> Any:
     """One decoder level: gate the skip with ``x``, up-sample ``x``, concatenate, convolve.
 
@@ -106,12 +113,14 @@ def apply_decoder_level(
         Prefix of the layer names.
     gate_name:
         Name of the attention gate.
+    gate_mode:
+        ``"fixed"`` or ``"paper"`` (see :class:`AttentionGate`).
 
     Returns
     -------
     Tensor at the resolution of ``skip`` with ``filters`` channels.
     """
-    gated = AttentionGate(subsample=2, name=gate_name)([skip, x])
+    gated = AttentionGate(subsample=2, mode=gate_mode, name=gate_name)([skip, x])
     up = keras.layers.UpSampling2D(2, name=f"{name}_upsample")(x)
     merged = keras.layers.Concatenate(name=f"{name}_concat")([up, gated])
     return apply_conv_block(merged, filters, dropout, name)
@@ -123,6 +132,7 @@ def build_attention_unet(
     depth: int = 5,
     dropout: float = 0.2,
     name: str = "attention_unet",
+    architecture: str = "fixed",
 ) -> keras.Model:
     """Build the paper's Attention U-Net.
 
@@ -139,6 +149,9 @@ def build_attention_unet(
         Dropout rate in every double convolution, in [0, 1).
     name:
         Name of the model.
+    architecture:
+        ``"fixed"`` (the skip is gated) or ``"paper"`` (the seed's gate output replaces the
+        skip).
 
     Returns
     -------
@@ -148,9 +161,11 @@ def build_attention_unet(
     Raises
     ------
     ValueError
-        For a non-positive size, filters or depth, a dropout outside [0, 1), or a size that
-        ``2**depth`` does not divide.
+        For a non-positive size, filters or depth, a dropout outside [0, 1), a size that
+        ``2**depth`` does not divide, or an unknown architecture.
     """
+    if architecture not in ("fixed", "paper"):
+        raise ValueError(f"architecture must be 'fixed' or 'paper', got {architecture!r}")
     height, width, channels = input_shape
     if min(height, width, channels) < 1:
         raise ValueError(f"input_shape must be positive, got {input_shape}")
@@ -173,7 +188,8 @@ def build_attention_unet(
     x = apply_conv_block(x, base_filters * 2**depth, dropout, "bottleneck")
     for level in reversed(range(depth)):
         x = apply_decoder_level(
-            x, skips[level], base_filters * 2**level, dropout, f"dec{level}", f"gate{level}"
+            x, skips[level], base_filters * 2**level, dropout, f"dec{level}", f"gate{level}",
+            architecture,
         )
     outputs = keras.layers.Conv2D(
         1, 1, activation="sigmoid", dtype="float32", name="output"

@@ -6,6 +6,8 @@ from typing import Any
 
 import keras
 
+#: ``fixed``: the skip is gated (Oktay et al.); ``paper``: the seed's gate (see AttentionGate).
+GATE_MODES = ("fixed", "paper")
 #: Bias given to ``psi`` by :func:`open_gates`; ``sigmoid(30)`` rounds to exactly 1.0 in float32.
 OPEN_GATE_BIAS = 30.0
 
@@ -27,6 +29,11 @@ class AttentionGate(keras.layers.Layer):  # type: ignore[misc]
     would), ``phi_g`` and ``psi`` are 1x1 convolutions, and ``alpha`` is brought back to the skip
     resolution by bilinear up-sampling. Every sub-layer is named after the gate.
 
+    With ``mode="paper"`` the gate is the one of the code published with the paper (kept to
+    compare "as published" with "fixed"): it returns the gate's own intermediate features
+    weighted by the coefficients, ``upsample(q * alpha)`` (``inter_channels`` channels), so
+    what replaces the skip in the decoder is not the encoder's features at all.
+
     Parameters
     ----------
     inter_channels:
@@ -34,18 +41,29 @@ class AttentionGate(keras.layers.Layer):  # type: ignore[misc]
         least 1), as in the paper.
     subsample:
         Ratio between the skip and the gating resolutions (2 in a U-Net).
+    mode:
+        ``"fixed"`` (default, ``x * alpha``) or ``"paper"`` (``upsample(q * alpha)``).
     **kwargs:
         Passed to :class:`keras.layers.Layer` (``name``, ``dtype``...).
     """
 
-    def __init__(self, inter_channels: int | None = None, subsample: int = 2, **kwargs: Any):
+    def __init__(
+        self,
+        inter_channels: int | None = None,
+        subsample: int = 2,
+        mode: str = "fixed",
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         if inter_channels is not None and inter_channels < 1:
             raise ValueError(f"AttentionGate inter_channels must be >= 1, got {inter_channels}")
         if subsample < 1:
             raise ValueError(f"AttentionGate subsample must be >= 1, got {subsample}")
+        if mode not in GATE_MODES:
+            raise ValueError(f"AttentionGate mode must be one of {GATE_MODES}, got {mode!r}")
         self.inter_channels = inter_channels
         self.subsample = subsample
+        self.mode = mode
 
     def build(self, input_shape: Any) -> None:
         """Create the sub-layers for ``[x_shape, g_shape]``."""
@@ -77,6 +95,7 @@ class AttentionGate(keras.layers.Layer):  # type: ignore[misc]
         coarse = (x_shape[0], g_shape[1], g_shape[2], inter)
         self.psi.build(coarse)
         self.upsample.build((x_shape[0], g_shape[1], g_shape[2], 1))
+        self._inter = inter
         self.built = True
 
     def attention(self, x: Any, g: Any) -> Any:
@@ -86,18 +105,32 @@ class AttentionGate(keras.layers.Layer):  # type: ignore[misc]
         return self.upsample(alpha)
 
     def call(self, inputs: Any) -> Any:
-        """Return the skip features ``x`` multiplied by the attention coefficients."""
+        """Return the skip features ``x`` multiplied by the attention coefficients.
+
+        In ``paper`` mode: the intermediate features ``q`` weighted by the coefficients,
+        brought to the skip resolution.
+        """
         x, g = inputs
+        if self.mode == "paper":
+            q = keras.ops.relu(self.theta_x(x) + self.phi_g(g))
+            alpha = keras.ops.sigmoid(self.psi(q))
+            return self.upsample(keras.ops.multiply(q, alpha))
         return keras.ops.multiply(x, self.attention(x, g))
 
     def compute_output_shape(self, input_shape: Any) -> Any:
-        """The gated skip has the shape of the skip."""
-        return tuple(input_shape[0])
+        """The gated skip has the shape of the skip (``inter`` channels in ``paper`` mode)."""
+        x_shape = tuple(input_shape[0])
+        if self.mode == "paper":
+            inter = self.inter_channels or max(1, int(x_shape[-1]) // 2)
+            return (*x_shape[:-1], inter)
+        return x_shape
 
     def get_config(self) -> dict[str, Any]:
         """Serialisable configuration (round-trips through ``from_config``)."""
         config: dict[str, Any] = super().get_config()
         config.update({"inter_channels": self.inter_channels, "subsample": self.subsample})
+        if self.mode != "fixed":
+            config["mode"] = self.mode
         return config
 
 

@@ -25,6 +25,8 @@ Correction of the paper's code
 In the code published with the paper, the attention gate's output was computed and then not
 used: the decoder concatenated the ungated skip, so its "attention" model was a plain ResNet34
 U-Net. Here the decoder concatenates the *gated* skip (``x * alpha``); the gates really act.
+``architecture="paper"`` builds the published graph (no gate in the graph, since its output
+was discarded, and a decoder of convolutions with bias and no BatchNorm), to compare the two.
 
 Nothing is ever downloaded: ImageNet weights are read only from a local file.
 """
@@ -254,7 +256,9 @@ def _load_legacy_h5(encoder: keras.Model, handle: h5py.File, path: Path) -> None
         variable.assign(value)
 
 
-def apply_decoder_stage(x: Any, skip: Any | None, filters: int, stage: int) -> Any:
+def apply_decoder_stage(
+    x: Any, skip: Any | None, filters: int, stage: int, architecture: str = "fixed"
+) -> Any:
     """One decoder stage: gate the skip, up-sample 2x, concatenate, two conv + BN + ReLU.
 
     Parameters
@@ -267,6 +271,8 @@ def apply_decoder_stage(x: Any, skip: Any | None, filters: int, stage: int) -> A
         Channels of the stage.
     stage:
         1-based stage number, used in the layer names (``dec{stage}_*``, ``gate{stage}``).
+    architecture:
+        ``"fixed"``, or ``"paper"``: the ungated skip, convolutions with bias, no BatchNorm.
 
     Returns
     -------
@@ -274,15 +280,17 @@ def apply_decoder_stage(x: Any, skip: Any | None, filters: int, stage: int) -> A
     """
     prefix = f"dec{stage}_"
     up = keras.layers.UpSampling2D(2, name=prefix + "upsample")(x)
+    paper = architecture == "paper"
     if skip is not None:
-        gated = AttentionGate(subsample=2, name=f"gate{stage}")([skip, x])
+        gated = skip if paper else AttentionGate(subsample=2, name=f"gate{stage}")([skip, x])
         up = keras.layers.Concatenate(name=prefix + "concat")([up, gated])
     for index in (1, 2):
         up = keras.layers.Conv2D(
-            filters, 3, padding="same", use_bias=False, kernel_initializer="he_uniform",
+            filters, 3, padding="same", use_bias=paper, kernel_initializer="he_uniform",
             name=f"{prefix}conv{index}",
         )(up)
-        up = keras.layers.BatchNormalization(name=f"{prefix}bn{index}")(up)
+        if not paper:
+            up = keras.layers.BatchNormalization(name=f"{prefix}bn{index}")(up)
         up = keras.layers.Activation("relu", name=f"{prefix}relu{index}")(up)
     return up
 
@@ -291,6 +299,7 @@ def build_attention_resnet34_unet(
     input_shape: tuple[int, int, int] = (256, 256, 3),
     encoder_weights: Path | None = None,
     name: str = "attention_resnet34_unet",
+    architecture: str = "fixed",
 ) -> keras.Model:
     """Build the Attention U-Net with a ResNet34 encoder.
 
@@ -304,6 +313,8 @@ def build_attention_resnet34_unet(
         the random initialisation.
     name:
         Name of the model.
+    architecture:
+        ``"fixed"`` (gated skips, BatchNorm decoder) or ``"paper"`` (as published).
 
     Returns
     -------
@@ -317,6 +328,8 @@ def build_attention_resnet34_unet(
     ValueError
         For a bad input shape or an unusable weights file.
     """
+    if architecture not in ("fixed", "paper"):
+        raise ValueError(f"architecture must be 'fixed' or 'paper', got {architecture!r}")
     encoder = build_resnet34_encoder(input_shape)
     if encoder_weights is not None:
         load_encoder_weights(encoder, Path(encoder_weights))
@@ -324,7 +337,7 @@ def build_attention_resnet34_unet(
     skips: list[Any | None] = [*reversed(skips_fine_first), None]
     x = bottom
     for stage, (filters, skip) in enumerate(zip(DECODER_FILTERS, skips, strict=True), start=1):
-        x = apply_decoder_stage(x, skip, filters, stage)
+        x = apply_decoder_stage(x, skip, filters, stage, architecture)
     x = keras.layers.Conv2D(1, 3, padding="same", name="output_conv")(x)
     outputs = keras.layers.Activation("sigmoid", dtype="float32", name="output")(x)
     return keras.Model(encoder.inputs, outputs, name=name)
