@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import keras
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +25,7 @@ from pneumonode.inference.postprocess import (
     resize_probability,
     triplet,
 )
+from pneumonode.inference.preprocess import model_input
 
 logger = logging.getLogger(__name__)
 
@@ -164,9 +164,10 @@ class Predictor:
     def prepare(self, image: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Turn one display-sense image in [0, 1] into a model input ``(size, size, channels)``.
 
-        The image is resized to the square model input (``cv2.INTER_AREA`` when both sides
-        shrink, bilinear otherwise; the aspect ratio is not kept, as in training), normalised
-        with the card's mean and std and repeated into the card's channels.
+        :func:`pneumonode.inference.preprocess.model_input`, the function training uses: the
+        image is resized to the square model input (``cv2.INTER_AREA`` when neither side is
+        smaller, bilinear otherwise; the aspect ratio is not kept), normalised with the card's
+        mean and std and repeated into the card's channels.
 
         Parameters
         ----------
@@ -178,20 +179,7 @@ class Predictor:
         numpy.ndarray
             float32 array ``(size, size, channels)``.
         """
-        size = self.card.input.size
-        rows, cols = image.shape
-        if (rows, cols) == (size, size):
-            resized = image.astype(np.float32, copy=True)
-        else:
-            shrinking = rows >= size and cols >= size
-            interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-            resized = np.asarray(
-                cv2.resize(image, (size, size), interpolation=interpolation), dtype=np.float32
-            )
-        normalised = (resized - np.float32(self.card.input.mean)) / np.float32(self.card.input.std)
-        return np.repeat(normalised[..., np.newaxis], self.card.input.channels, axis=-1).astype(
-            np.float32
-        )
+        return model_input(image, self.card.input)
 
     def _run(self, model: keras.Model, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         with self._lock:
