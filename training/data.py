@@ -10,6 +10,7 @@ import keras
 import numpy as np
 from numpy.typing import NDArray
 
+from pneumonode.inference.preprocess import normalise, unit_from_uint8
 from training.augment import Augmenter
 from training.store import PreparedData
 
@@ -17,7 +18,10 @@ from training.store import PreparedData
 def to_model_input(
     images: NDArray[np.float32], channels: int, mean: float, std: float
 ) -> NDArray[np.float32]:
-    """Turn ``(N, H, W)`` images in [0, 1] into the model's ``(N, H, W, channels)`` input.
+    """Turn ``(N, H, W)`` images in [0, 1] into ``(N, H, W, channels)`` batches.
+
+    The node's own :func:`pneumonode.inference.preprocess.normalise`. Models built by
+    ``training.train`` normalise inside the graph and are fed with channels 1, mean 0, std 1.
 
     Parameters
     ----------
@@ -33,10 +37,7 @@ def to_model_input(
     numpy.ndarray
         Float32 batch.
     """
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    x = ((images - mean) / std).astype(np.float32)[..., None]
-    return np.repeat(x, channels, axis=-1) if channels == 3 else x
+    return normalise(images.astype(np.float32, copy=False), mean, std, channels)
 
 
 class SegmentationData(keras.utils.PyDataset):  # type: ignore[misc]
@@ -63,6 +64,13 @@ class SegmentationData(keras.utils.PyDataset):  # type: ignore[misc]
         Reorder at every epoch.
     seed : int
         Seed of shuffling and augmentation.
+    oversampling : tuple of float or None
+        ``(start, end)``: each epoch draws as many items as there are images, a share of them
+        with pneumothorax that falls linearly from ``start`` (first epoch) to ``end`` (epoch
+        ``epochs - 1``); each class is drawn without replacement while it lasts. None: every
+        image once per epoch.
+    epochs : int
+        Length of the oversampling schedule.
     **kwargs
         ``workers``, ``use_multiprocessing``, ``max_queue_size`` of :class:`keras.utils.PyDataset`.
     """
@@ -79,6 +87,8 @@ class SegmentationData(keras.utils.PyDataset):  # type: ignore[misc]
         augmenter: Augmenter | None = None,
         shuffle: bool = False,
         seed: int = 0,
+        oversampling: tuple[float, float] | None = None,
+        epochs: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -95,30 +105,62 @@ class SegmentationData(keras.utils.PyDataset):  # type: ignore[misc]
         self.augmenter = augmenter
         self.shuffle = shuffle
         self.seed = seed
+        self.oversampling = oversampling
+        self.epochs = max(1, epochs)
+        positive = np.array([store.entry(i).positive for i in self.image_ids], dtype=bool)
+        self._positives = np.flatnonzero(positive)
+        self._negatives = np.flatnonzero(~positive)
+        if oversampling is not None and (not len(self._positives) or not len(self._negatives)):
+            raise ValueError("oversampling needs images with and without pneumothorax")
         self.epoch = 0
         self._order = self._make_order()
 
+    def positive_share(self, epoch: int) -> float | None:
+        """Share of positives drawn in ``epoch`` (None without oversampling)."""
+        if self.oversampling is None:
+            return None
+        start, end = self.oversampling
+        return start + (end - start) * min(epoch, self.epochs - 1) / max(self.epochs - 1, 1)
+
+    def _draw(self, rng: np.random.Generator, pool: NDArray[np.int64], k: int) -> NDArray[np.int64]:
+        rounds = [rng.permutation(pool) for _ in range(-(-k // len(pool)))]
+        return np.concatenate(rounds)[:k] if rounds else pool[:0]
+
     def _make_order(self) -> NDArray[np.int64]:
+        share = self.positive_share(self.epoch)
+        if share is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, 1])
+            n = len(self.image_ids)
+            k = round(share * n)
+            drawn = np.concatenate(
+                [self._draw(rng, self._positives, k), self._draw(rng, self._negatives, n - k)]
+            )
+            return np.asarray(rng.permutation(drawn), dtype=np.int64)
         if not self.shuffle:
             return np.arange(len(self.image_ids))
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.image_ids))
 
+    def set_epoch(self, epoch: int) -> None:
+        """Jump to ``epoch`` (0-based), as when a run resumes."""
+        self.epoch = epoch
+        self._order = self._make_order()
+
     def __len__(self) -> int:
-        return math.ceil(len(self.image_ids) / self.batch_size)
+        return math.ceil(len(self._order) / self.batch_size)
 
     def batch_ids(self, index: int) -> list[str]:
         """Image ids of batch ``index`` in the current epoch's order."""
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range ({len(self)} batches)")
         positions = self._order[index * self.batch_size : (index + 1) * self.batch_size]
-        return [self.image_ids[p] for p in positions]
+        return [self.image_ids[int(p)] for p in positions]
 
     def __getitem__(self, index: int) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         start = index * self.batch_size
         images = []
         masks = []
         for offset, image_id in enumerate(self.batch_ids(index)):
-            image = self.store.load_image(image_id).astype(np.float32) / 255.0
+            image = unit_from_uint8(self.store.load_image(image_id))
             mask = self.store.load_mask(image_id)
             if self.augmenter is not None:
                 rng = np.random.default_rng([self.seed, self.epoch, start + offset])
