@@ -36,6 +36,11 @@ class HeldClaims:
         with self._lock:
             self._ids.difference_update(ids)
 
+    def held(self) -> list[int]:
+        """The ids held now, sorted."""
+        with self._lock:
+            return sorted(self._ids)
+
     def beat(self) -> None:
         """Refresh every held claim; a claim that is no longer ours is dropped, not an error."""
         with self._lock:

@@ -136,6 +136,22 @@ class NodeMetrics:
             ["what"],
             registry=self.registry,
         )
+        self.worker_errors = Counter(
+            "pneumonode_worker_errors",
+            "Unexpected errors a worker caught and survived, by stage (claim, batch)",
+            ["stage"],
+            registry=self.registry,
+        )
+        self.workers_replaced = Counter(
+            "pneumonode_workers_replaced",
+            "Worker threads replaced because they died or wedged",
+            ["reason"],
+            registry=self.registry,
+        )
+        for stage in ("claim", "batch"):
+            self.worker_errors.labels(stage)
+        for reason in ("died", "wedged"):
+            self.workers_replaced.labels(reason)
         for outcome in ("queued", "skipped", "duplicate", "refused", "error"):
             self.images_received.labels(outcome)
         for outcome in ("processed", "skipped", "retry", "failed"):
@@ -172,6 +188,14 @@ class NodeMetrics:
     def delivery_failed(self, destination: str, final: bool) -> None:
         """Count a failed send."""
         self.delivery_failures.labels(destination, "true" if final else "false").inc()
+
+    def worker_error(self, stage: str) -> None:
+        """Count an error a worker survived."""
+        self.worker_errors.labels(stage).inc()
+
+    def worker_replaced(self, reason: str) -> None:
+        """Count a replaced worker thread."""
+        self.workers_replaced.labels(reason).inc()
 
     def purged(self, jobs: int, files: int) -> None:
         """Count what a retention run removed."""

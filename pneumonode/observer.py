@@ -28,6 +28,12 @@ class NodeObserver(Protocol):
     def delivery_failed(self, destination: str, final: bool) -> None:
         """A send to a destination failed; ``final`` when no retry is left."""
 
+    def worker_error(self, stage: str) -> None:
+        """A worker caught an unexpected error in ``stage`` (``claim``, ``batch``) and went on."""
+
+    def worker_replaced(self, reason: str) -> None:
+        """A worker thread that ``died`` or ``wedged`` was replaced by a new one."""
+
 
 class NullObserver:
     """An observer that ignores everything."""
@@ -45,4 +51,10 @@ class NullObserver:
         """Ignore."""
 
     def delivery_failed(self, destination: str, final: bool) -> None:
+        """Ignore."""
+
+    def worker_error(self, stage: str) -> None:
+        """Ignore."""
+
+    def worker_replaced(self, reason: str) -> None:
         """Ignore."""

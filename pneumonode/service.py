@@ -11,21 +11,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from pydicom.dataset import Dataset
 from sqlalchemy import Engine
 
 from pneumonode import systemd
-from pneumonode.dicom.intake import Intake, IntakeResult
+from pneumonode.dicom.intake import Intake
 from pneumonode.dicom.scp import DicomServer
 from pneumonode.health import Health, database_problem
 from pneumonode.http import HttpEndpoint
 from pneumonode.inference.predictor import Predictor
 from pneumonode.metrics import NodeMetrics
-from pneumonode.observer import NodeObserver
 from pneumonode.queue import migrate
 from pneumonode.queue.db import make_engine
 from pneumonode.queue.repository import JobRepository
@@ -45,32 +42,6 @@ RELOADABLE = ("destinations", "peers")
 class _Threads:
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
-
-
-class _ObservedIntake(Intake):
-    """Intake that reports every answered C-STORE to the node's observer."""
-
-    def __init__(
-        self,
-        data_dir: Path,
-        repository: JobRepository,
-        on_queued: Callable[[], None],
-        observer: NodeObserver,
-    ) -> None:
-        super().__init__(data_dir, repository, on_queued=on_queued)
-        self._observer = observer
-
-    def receive(
-        self, header: Dataset, encoded: bytes, calling_aet: str, peer_host: str | None
-    ) -> IntakeResult:
-        """Store one instance (see :meth:`Intake.receive`) and count the outcome."""
-        outcome = "error"
-        try:
-            result = super().receive(header, encoded, calling_aet, peer_host)
-            outcome = result.outcome.name.lower()
-            return result
-        finally:
-            self._observer.image_received(outcome)
 
 
 class Node:
@@ -97,6 +68,8 @@ class Node:
         self._http: HttpEndpoint | None = None
         self._engine: Engine | None = None
         self._workers: list[Worker] = []
+        self._make_worker: Callable[[str], Worker] | None = None
+        self._generation = 0
         self._senders: list[Sender] = []
         self._listening = False
         self._stopping = False
@@ -140,30 +113,36 @@ class Node:
         self.repository = repo
         metrics = NodeMetrics(repo)
         self.metrics = metrics
-        intake = _ObservedIntake(data_dir, repo, self._job_wake.set, metrics)
+        intake = Intake(data_dir, repo, self._job_wake.set, metrics)
         host = socket.gethostname()
         pid = os.getpid()
         if predictor is not None:
             LOGGER.info("model %s (uid %s) loaded", predictor.card.display_name, predictor.card.uid)
-            self._workers = [
-                Worker(
-                    cfg,
+
+            def make_worker(name: str) -> Worker:
+                return Worker(
+                    self.settings,
                     repo,
                     predictor,
-                    f"{host}:{pid}:w{i}",
+                    f"{host}:{pid}:{name}",
                     self._job_wake,
                     self._send_wake.set,
                     observer=metrics,
                 )
-                for i in range(cfg.worker.threads)
-            ]
+
+            self._make_worker = make_worker
+            self._workers = [make_worker(f"w{i}") for i in range(cfg.worker.threads)]
         self._senders = [
             Sender(cfg, repo, f"{host}:{pid}:s{i}", self._send_wake, observer=metrics)
             for i in range(cfg.delivery.threads)
         ]
-        heartbeats = [w.beat for w in self._workers] + [s.beat for s in self._senders]
         self._scheduler = build_scheduler(
-            cfg, repo, heartbeats, self._wake_all, on_purged=self._purged, clock=self._clock
+            cfg,
+            repo,
+            [self._beat, self._supervise],
+            self._wake_all,
+            on_purged=self._purged,
+            clock=self._clock,
         )
         self._server = DicomServer(cfg, intake)
         self.address = self._server.start()
@@ -198,6 +177,66 @@ class Node:
             return
         self._http = endpoint
 
+    def _beat(self) -> None:
+        """Refresh the claims of the current workers and senders (replaced ones excluded)."""
+        with self._lock:
+            beats = [w.beat for w in self._workers] + [s.beat for s in self._senders]
+        for beat in beats:
+            beat()
+
+    def _supervise(self) -> None:
+        self.supervise()
+
+    def wedged_after_s(self) -> float:
+        """Seconds on one batch after which a worker counts as wedged."""
+        cfg = self.settings.worker
+        return cfg.inference_timeout_s + cfg.stale_after_s
+
+    def supervise(self) -> list[str]:
+        """Replace every worker thread that died or wedged; returns what was replaced.
+
+        A replaced worker stops heartbeating its claims, so they expire and are retried within
+        their retry budget (:func:`pneumonode.scheduler.requeue_stale`): a job that kills or
+        wedges its worker every time ends ``failed``. A wedged thread cannot be killed; it is
+        left behind, and whatever it does later is refused by the queue (its claims are gone).
+        """
+        replaced: list[str] = []
+        with self._lock:
+            if self._stopping or self._make_worker is None:
+                return replaced
+            for index, (worker, thread) in enumerate(
+                zip(self._workers, self._work.threads, strict=True)
+            ):
+                if not thread.is_alive():
+                    reason, detail = "died", "its thread ended"
+                elif worker.busy_for() > self.wedged_after_s():
+                    reason = "wedged"
+                    detail = (
+                        f"busy {worker.busy_for():.0f} s on jobs {worker.held_jobs()}, over "
+                        f"worker.inference_timeout_s + worker.stale_after_s "
+                        f"({self.wedged_after_s():g} s)"
+                    )
+                else:
+                    continue
+                worker.abandon()
+                self._generation += 1
+                new = self._make_worker(f"w{index}.{self._generation}")
+                LOGGER.error(
+                    "worker %s %s (%s); its jobs %s will be retried within their budget; "
+                    "replaced by %s",
+                    worker.worker_id,
+                    reason,
+                    detail,
+                    worker.held_jobs() or "none",
+                    new.worker_id,
+                )
+                self._workers[index] = new
+                self._work.threads[index] = self._start_thread(self._work, new.run, new.worker_id)
+                if self.metrics is not None:
+                    self.metrics.worker_replaced(reason)
+                replaced.append(worker.worker_id)
+        return replaced
+
     def _purged(self, report: PurgeReport) -> None:
         if self.metrics is not None:
             self.metrics.purged(report.jobs, report.files)
@@ -206,18 +245,27 @@ class Node:
         self._job_wake.set()
         self._send_wake.set()
 
+    @classmethod
+    def _spawn(cls, group: _Threads, target: object, name: str) -> None:
+        group.threads.append(cls._start_thread(group, target, name))
+
     @staticmethod
-    def _spawn(group: _Threads, target: object, name: str) -> None:
+    def _start_thread(group: _Threads, target: object, name: str) -> threading.Thread:
         assert callable(target)
         thread = threading.Thread(target=target, args=(group.stop,), name=name, daemon=True)
         thread.start()
-        group.threads.append(thread)
+        return thread
 
     def threads_problem(self) -> str | None:
         """Why the workers, senders or scheduler are not all running, or None."""
         dead = [t.name for t in self._work.threads + self._send.threads if not t.is_alive()]
         if dead:
             return f"threads stopped: {', '.join(dead)}"
+        wedged = [w.worker_id for w in self._workers if w.busy_for() > self.wedged_after_s()]
+        if wedged:
+            return f"workers wedged on one batch for over {self.wedged_after_s():g} s: " + (
+                ", ".join(wedged)
+            )
         if self._scheduler is None or not self._scheduler.running:
             return "housekeeping scheduler not running"
         return None

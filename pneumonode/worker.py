@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
+from sqlalchemy.exc import SQLAlchemyError
 
 from pneumonode.claims import HeldClaims
+from pneumonode.dicom.instance import read_instance
 from pneumonode.dicom.pixels import DecodedImage, PixelError, decode
 from pneumonode.durable import fsync_path
 from pneumonode.findings import Finding
@@ -31,9 +31,10 @@ from pneumonode.queue.repository import (
     FindingRecord,
     JobRepository,
     JobView,
+    QueueError,
     ResultUIDs,
+    StaleTransition,
 )
-from pneumonode.queue.retry import RetryPolicy
 from pneumonode.settings import Settings
 
 LOGGER = logging.getLogger(__name__)
@@ -161,13 +162,10 @@ class Worker:
         self._on_delivering = on_delivering
         self._observer: NodeObserver = observer or NullObserver()
         self._data_dir = settings.node.data_dir
-        self._policy = RetryPolicy(
-            max_attempts=settings.worker.max_attempts,
-            base_delay_s=settings.worker.retry_base_delay_s,
-            max_delay_s=settings.worker.retry_max_delay_s,
-        )
+        self._policy = settings.worker.retry_policy()
         self._claims = HeldClaims(lambda job_id: self._repo.heartbeat_job(job_id, self.worker_id))
         self._lock = threading.Lock()
+        self._busy_since: float | None = None
         #: Inference threads left running after a timeout (they cannot be killed).
         self.abandoned_inferences = 0
 
@@ -184,14 +182,52 @@ class Worker:
         self._claims.release(job_id)
 
     def run(self, stop: threading.Event) -> None:
-        """Process jobs until ``stop`` is set; the job batch in hand is always finished."""
+        """Process jobs until ``stop`` is set; the job batch in hand is always finished.
+
+        Nothing a job does ends this loop: an unexpected error while claiming is logged and
+        retried after ``worker.poll_s``; one while processing a batch fails the jobs of that
+        batch still in hand (each with the error, within its retry budget) and the loop goes on.
+        """
         while not stop.is_set():
-            jobs = self.claim_batch()
+            try:
+                jobs = self.claim_batch()
+            except Exception:  # database trouble: the loop must outlive it
+                LOGGER.exception("worker %s: cannot claim jobs; trying again", self.worker_id)
+                self._observer.worker_error("claim")
+                stop.wait(self._settings.worker.poll_s)
+                continue
             if not jobs:
                 self._wake.wait(self._settings.worker.poll_s)
                 self._wake.clear()
                 continue
-            self.process(jobs)
+            self._busy_since = time.monotonic()
+            try:
+                self.process(jobs)
+            except Exception as exc:  # a failure no stage contained: fail the batch, go on
+                LOGGER.exception(
+                    "worker %s: unexpected error on jobs %s", self.worker_id, [j.id for j in jobs]
+                )
+                self._observer.worker_error("batch")
+                for job in jobs:
+                    self._fail(job, f"worker error: {type(exc).__name__}: {exc}", quiet=True)
+            finally:
+                self._busy_since = None
+
+    def busy_for(self) -> float:
+        """Seconds this worker has spent on its current batch (0 when idle)."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def held_jobs(self) -> list[int]:
+        """The ids of the jobs this worker holds now."""
+        return self._claims.held()
+
+    def abandon(self) -> None:
+        """Stop heartbeating every claim: they expire and are retried within their budget.
+
+        Called when this worker's thread died or wedged and a new worker replaces it.
+        """
+        self._claims.release(*self._claims.held())
 
     def claim_batch(self) -> list[JobView]:
         """Claim up to ``batch_size`` jobs, waiting briefly for more when only a few are ready."""
@@ -207,58 +243,73 @@ class Worker:
         """Run claimed jobs through decode, inference, outputs and delivery queueing."""
         try:
             prepared = [p for p in (self._prepare(job) for job in jobs) if p is not None]
-            if not prepared:
-                return
-            limit_s = self._settings.worker.inference_timeout_s
-            try:
-                started = time.monotonic()
-                findings = run_with_time_limit(
-                    lambda: self._predictor.analyse(
-                        [p.image.image for p in prepared],
-                        [p.image.pixel_spacing_mm for p in prepared],
-                    ),
-                    limit_s,
-                    f"{self.worker_id}:inference",
-                )
-                self._observer.inference_done(len(prepared), time.monotonic() - started)
-            except InferenceTimeout as exc:
-                self.abandoned_inferences += 1
-                LOGGER.error(
-                    "jobs %s: %s; its thread cannot be stopped and is abandoned (%d so far); "
-                    "the jobs will retry",
-                    [p.job.id for p in prepared],
-                    exc,
-                    self.abandoned_inferences,
-                )
-                for p in prepared:
-                    self._fail(p.job, str(exc))
-                return
-            except Exception as exc:  # the model failed: every job of the batch retries
-                LOGGER.exception("inference failed for jobs %s", [p.job.id for p in prepared])
-                for p in prepared:
-                    self._fail(p.job, f"inference failed: {type(exc).__name__}: {exc}")
-                return
-            for p, finding in zip(prepared, findings, strict=True):
-                self._finish(p, finding)
+            self.process_prepared(prepared)
         finally:
             self._claims.release(*(j.id for j in jobs))
 
+    def process_prepared(self, prepared: Sequence[_Prepared]) -> None:
+        """Infer a batch of decoded images and finish each job.
+
+        When the model fails on a batch of several images, each is analysed on its own, so
+        that one image never fails the others.
+        """
+        if not prepared:
+            return
+        limit_s = self._settings.worker.inference_timeout_s
+        try:
+            started = time.monotonic()
+            findings = run_with_time_limit(
+                lambda: self._predictor.analyse(
+                    [p.image.image for p in prepared],
+                    [p.image.pixel_spacing_mm for p in prepared],
+                ),
+                limit_s,
+                f"{self.worker_id}:inference",
+            )
+            self._observer.inference_done(len(prepared), time.monotonic() - started)
+        except InferenceTimeout as exc:
+            self.abandoned_inferences += 1
+            LOGGER.error(
+                "jobs %s: %s; its thread cannot be stopped and is abandoned (%d so far); "
+                "the jobs will retry",
+                [p.job.id for p in prepared],
+                exc,
+                self.abandoned_inferences,
+            )
+            for p in prepared:
+                self._fail(p.job, str(exc))
+            return
+        except Exception as exc:  # the model failed on this batch
+            if len(prepared) > 1:
+                LOGGER.warning(
+                    "inference failed for jobs %s (%s); analysing them one by one",
+                    [p.job.id for p in prepared],
+                    type(exc).__name__,
+                )
+                for p in prepared:
+                    self.process_prepared([p])
+                return
+            LOGGER.exception("inference failed for job %d", prepared[0].job.id)
+            self._fail(prepared[0].job, f"inference failed: {type(exc).__name__}: {exc}")
+            return
+        for p, finding in zip(prepared, findings, strict=True):
+            self._finish(p, finding)
+
     def _prepare(self, job: JobView) -> _Prepared | None:
+        """Read and decode one job's image; a job that cannot be read never joins the batch."""
         if job.spool_path is None:
             self._fail(job, "job has no spool file")
             return None
-        path = self._data_dir / job.spool_path
         try:
-            source = dcmread(path)
-        except (OSError, InvalidDicomError) as exc:
-            self._fail(job, f"cannot read spool file {job.spool_path}: {exc}")
+            source = read_instance(self._data_dir / job.spool_path)
+        except Exception as exc:  # the spool file is unreadable: this job fails, not the batch
+            LOGGER.exception("job %d: cannot read its spool file", job.id)
+            self._fail(job, f"cannot read spool file {job.spool_path}: {type(exc).__name__}: {exc}")
             return None
         try:
             image = decode(source, max_pixels=self._settings.worker.max_pixels)
         except PixelError as exc:
-            LOGGER.info("job %d skipped: %s", job.id, exc)
-            self._repo.skip_job(job.id, self.worker_id, str(exc))
-            self._observer.job_processed("skipped")
+            self._skip(job, str(exc))
             return None
         except Exception as exc:  # an undecodable image is retried, then fails with the reason
             LOGGER.exception("job %d: decoding failed", job.id)
@@ -266,8 +317,32 @@ class Worker:
             return None
         return _Prepared(job, source, image)
 
-    def _fail(self, job: JobView, error: str) -> None:
-        after = self._repo.fail_job(job.id, self.worker_id, error, self._policy)
+    def _skip(self, job: JobView, reason: str) -> None:
+        try:
+            self._repo.skip_job(job.id, self.worker_id, reason)
+        except (QueueError, SQLAlchemyError) as exc:
+            LOGGER.error("job %d: cannot record the skip (%s); its claim will expire", job.id, exc)
+            return
+        finally:
+            self._release(job.id)
+        self._observer.job_processed("skipped")
+        LOGGER.info("job %d skipped: %s", job.id, reason)
+
+    def _fail(self, job: JobView, error: str, *, quiet: bool = False) -> None:
+        """Record a failed attempt; never raises (the claim then expires and is retried)."""
+        try:
+            after = self._repo.fail_job(job.id, self.worker_id, error, self._policy)
+        except StaleTransition:
+            if not quiet:
+                LOGGER.warning("job %d: no longer held by %s; not failed", job.id, self.worker_id)
+            self._release(job.id)
+            return
+        except (QueueError, SQLAlchemyError) as exc:
+            LOGGER.error(
+                "job %d: cannot record the failure (%s); its claim will expire", job.id, exc
+            )
+            self._release(job.id)
+            return
         self._release(job.id)
         self._observer.job_processed("failed" if after.state == "failed" else "retry")
         LOGGER.warning(
@@ -321,7 +396,12 @@ class Worker:
         with self._lock:
             settings = self._settings
         targets = delivery_targets(settings, job.calling_aet)
-        self._repo.finish_processing(job.id, self.worker_id, record, targets)
+        try:
+            self._repo.finish_processing(job.id, self.worker_id, record, targets)
+        except (QueueError, SQLAlchemyError) as exc:
+            LOGGER.error("job %d: cannot record its results: %s", job.id, exc)
+            self._fail(job, f"recording results failed: {type(exc).__name__}: {exc}")
+            return
         self._release(job.id)
         self._observer.job_processed("processed")
         LOGGER.info(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -135,7 +136,7 @@ def spool_file_bytes(
             "the data set begins with a group 0002 (file meta) element; file meta information "
             "is not part of a data set (PS3.10 7.1)"
         )
-    buffer = BytesIO()
+    buffer = DicomBytesIO()
     buffer.write(_PREAMBLE)
     write_file_meta_info(buffer, meta, enforce_standard=True)
     buffer.write(dataset)

@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pneumonode.dicom.instance import CommandIdentity, meta_elements_in_dataset, read_instance
 from pneumonode.durable import fsync_path
+from pneumonode.observer import NodeObserver, NullObserver
 from pneumonode.queue.repository import JobRepository, NewJob
 
 LOGGER = logging.getLogger(__name__)
@@ -170,6 +171,8 @@ class Intake:
         The job repository.
     on_queued:
         Called (without arguments) after a job is committed, to wake the workers.
+    observer:
+        Told the outcome of every answered C-STORE (metrics).
     """
 
     def __init__(
@@ -177,11 +180,13 @@ class Intake:
         data_dir: Path,
         repository: JobRepository,
         on_queued: Callable[[], None] | None = None,
+        observer: NodeObserver | None = None,
     ) -> None:
         self._spool = data_dir / "spool"
         self._incoming = self._spool / "incoming"
         self._repository = repository
         self._on_queued = on_queued
+        self._observer: NodeObserver = observer or NullObserver()
         self._incoming.mkdir(parents=True, exist_ok=True)
 
     def _day_dir(self) -> Path:
@@ -219,6 +224,22 @@ class Intake:
         calling_aet: str,
         peer_host: str | None,
         command: CommandIdentity | None = None,
+    ) -> IntakeResult:
+        """Store one instance (see :meth:`_receive`) and tell the observer the outcome."""
+        outcome = "error"
+        try:
+            result = self._receive(encoded, calling_aet, peer_host, command)
+            outcome = result.outcome.name.lower()
+            return result
+        finally:
+            self._observer.image_received(outcome)
+
+    def _receive(
+        self,
+        encoded: bytes,
+        calling_aet: str,
+        peer_host: str | None,
+        command: CommandIdentity | None,
     ) -> IntakeResult:
         """Store one instance; returns the status to answer.
 
