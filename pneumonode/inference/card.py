@@ -125,3 +125,42 @@ class ModelCard(_Strict):
         path = package / CARD_FILE
         path.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
         return path
+
+
+def describe(card: ModelCard) -> str:
+    """Human-readable, multi-line description of a model card (``pneumonode model info``).
+
+    It needs no Keras: printing a card never loads TensorFlow.
+
+    Parameters
+    ----------
+    card:
+        A validated model card.
+
+    Returns
+    -------
+    str
+    """
+    t = card.thresholds
+    lines = [
+        f"name:           {card.display_name}",
+        f"uid:            {card.uid}",
+        f"variant:        {card.variant}",
+        f"manufacturer:   {card.manufacturer}",
+        f"demo:           {'yes: not a real model' if card.demo else 'no'}",
+        f"input:          {card.input.size}x{card.input.size}x{card.input.channels}, "
+        f"(x - {card.input.mean:g}) / {card.input.std:g}",
+        f"thresholds:     top {t.top:g}, bottom {t.bottom:g}, min area {t.min_area} px, "
+        f"min component {t.min_component_area} px (model resolution)",
+        f"tta:            {'horizontal flip' if card.tta.hflip else 'none'}",
+        f"members:        {len(card.members)} ({', '.join(card.members)})",
+        f"training:       {card.training.recipe}, {card.training.epochs} epochs",
+        f"data:           {card.training.data}",
+    ]
+    if card.training.notes:
+        lines.append(f"notes:          {card.training.notes}")
+    if card.validation:
+        scores = ", ".join(f"{key} {value:.4f}" for key, value in sorted(card.validation.items()))
+        lines.append(f"validation:     {scores}")
+    lines.append(f"intended use:   {card.intended_use}")
+    return "\n".join(lines)

@@ -10,9 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
+from pneumonode.inference.card import describe
 from pneumonode.inference.package import load_package
 from pneumonode.inference.postprocess import average_members, average_tta
-from pneumonode.inference.predictor import CHECK_IMAGE_SHAPE, Predictor, describe
+from pneumonode.inference.predictor import CHECK_IMAGE_SHAPE, Predictor
 from training.phantoms import make_phantom
 
 PackageFactory = Callable[..., Path]
