@@ -56,6 +56,8 @@ _TEXT_RGB = (235, 235, 235)
 _WARNING_RGB = (255, 210, 0)
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _MIN_FONT_SCALE = 0.35
+# Rows and Columns are US: the banner plus the picture must fit in 65535 rows.
+_MAX_ROWS = 0xFFFF
 # highdicom requires an orientation for the PATIENT coordinate system; it is replaced by the
 # source's own (possibly empty, Type 2C) Patient Orientation right after construction.
 _PLACEHOLDER_ORIENTATION = ("L", "F")
@@ -108,7 +110,19 @@ def render_overlay(
     Returns
     -------
     numpy.ndarray
-        ``uint8`` RGB array of shape (banner + Rows, Columns, 3).
+        ``uint8`` RGB array of shape (banner + Rows, Columns, 3), or of a picture scaled down
+        so that the whole stays within 65535 rows (see :func:`_render`).
+    """
+    return _render(image, finding, card)[0]
+
+
+def _render(
+    image: DecodedImage, finding: Finding, card: ModelCard
+) -> tuple[npt.NDArray[np.uint8], float]:
+    """Draw the overlay; return it and the factor by which the picture was scaled (<= 1).
+
+    A picture so tall that the banner would take the total past 65535 rows (US) is scaled down,
+    keeping its aspect ratio, until it fits.
     """
     gray = image.to_uint8()
     rows, columns = gray.shape
@@ -128,7 +142,14 @@ def render_overlay(
         thickness = max(1, round(min(rows, columns) / 400))
         cv2.drawContours(picture, contours, -1, _OUTLINE_RGB, thickness, cv2.LINE_AA)
     banner = _banner(banner_lines(finding, card), columns, rows, finding.present)
-    return np.ascontiguousarray(np.concatenate([banner, picture], axis=0))
+    factor = 1.0
+    if banner.shape[0] + rows > _MAX_ROWS:
+        factor = (_MAX_ROWS - banner.shape[0]) / rows
+        size = (max(1, round(columns * factor)), _MAX_ROWS - banner.shape[0])
+        picture = np.asarray(cv2.resize(picture, size, interpolation=cv2.INTER_AREA), np.uint8)
+        banner = _banner(banner_lines(finding, card), size[0], size[1], finding.present)
+        picture = picture[: _MAX_ROWS - banner.shape[0]]
+    return np.ascontiguousarray(np.concatenate([banner, picture], axis=0)), factor
 
 
 def _banner(lines: list[str], columns: int, rows: int, positive: bool) -> npt.NDArray[np.uint8]:
@@ -228,7 +249,10 @@ def build_overlay(
             f"{image.image.shape} and {finding.mask.shape} (SOP {sop_uid})"
         )
     when = created if created is not None else datetime.datetime.now()
-    pixels = render_overlay(image, finding, card)
+    pixels, factor = _render(image, finding, card)
+    spacing = image.pixel_spacing_mm
+    if spacing is not None and factor != 1.0:
+        spacing = (spacing[0] / factor, spacing[1] / factor)
     with quiet_person_name_warnings():
         sc = hd.sc.SCImage(
             pixel_array=pixels,
@@ -241,7 +265,7 @@ def build_overlay(
             sop_instance_uid=sop_instance_uid,
             instance_number=1,
             manufacturer=NODE_MANUFACTURER,
-            pixel_spacing=image.pixel_spacing_mm,
+            pixel_spacing=spacing,
             patient_orientation=_PLACEHOLDER_ORIENTATION,
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=[model_equipment(card, when)],

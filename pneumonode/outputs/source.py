@@ -1,31 +1,54 @@
-"""Prepare the source image's metadata that the result objects copy, valid and without pixels.
+"""Prepare the source image's metadata that the result objects copy: only what they need, VR-valid.
 
-highdicom copies the Patient and Study modules from the source image and references the source
-by its UIDs. Real sources are not always tidy (the SIIM files carry Patient's Age ``38``, which
-is not a valid Age String; some films carry Pixel Spacing ``0\\0``), and a result object must
-still pass dciodvfy. :func:`source_metadata` therefore returns a copy of the source header that
+highdicom copies the Patient and Study modules (and, for a SEG, the acquisition equipment and the
+Specimen module) from the source image it is given, and references the source by its UIDs. A
+received image can hold anything: a 300,000-item sequence, private data, values that break their
+Value Representation (over-long, control characters, backslashes, malformed dates). A result
+object must still be small, quick to build and pass dciodvfy. :func:`source_metadata` therefore
+gives highdicom a *new* dataset holding only an allowlist of attributes, read one by one from the
+source (nothing is iterated or deep-copied, so the source's size does not matter):
 
-* has no pixel data (nothing large is copied);
-* has no spatial attributes (Frame of Reference, Image Position/Orientation (Patient), Pixel
-  Spacing, Imager Pixel Spacing, Slice Thickness): a projection radiograph has no 3-D frame of
-  reference, so the SEG is built on the source's pixel grid alone, and highdicom then writes no
-  Pixel Measures (the DESIGN trap: a Pixel Measures item without Slice Thickness cannot be read
-  back by ``segread``, and a radiograph has no slice thickness to state);
-* has every Type 2 Patient/Study attribute that highdicom reads (empty when absent or invalid);
-* drops an invalid Patient's Age (Type 3) instead of copying it.
+* the UIDs and matrix size a reference needs (SOP Class/Instance, Study/Series Instance UID,
+  Rows, Columns), Specific Character Set, Modality;
+* Patient: Patient's Name, Patient ID, Issuer of Patient ID, Birth Date, Sex, Patient Identity
+  Removed, De-identification Method; Patient Study: Patient's Age;
+* General Study: Study Date and Time, Referring Physician's Name, Study ID, Accession Number,
+  Study Description;
+* acquisition equipment (for the SEG's Contributing Equipment): Manufacturer, Manufacturer's
+  Model Name, Software Versions, Device Serial Number, Institution Name, Institutional Department
+  Name, Station Name, Acquisition Date, Time and DateTime;
+* Body Part Examined, Lossy Image Compression (with Method and Ratio).
 
+No sequence, no private element and no spatial attribute of the source is ever copied (a
+projection radiograph has no Frame of Reference; see :mod:`pneumonode.outputs.seg`). Each value
+is checked against its VR (PS3.5 6.2):
+
+* identifiers (Patient ID, Issuer of Patient ID, Accession Number, Study ID) that are too long or
+  hold a control character or a backslash are left empty (Type 2) or dropped (Type 3): a cut or
+  edited identifier could match another patient or order, an empty one matches nothing;
+* person names are repaired: control characters removed, at most 3 component groups of at most 5
+  components, each group cut to 64 characters, then the phonetic and ideographic groups left
+  out while the whole is longer than 64 characters (dciodvfy's reading of the limit);
+* descriptive text (descriptions, equipment names) is repaired: control characters and
+  backslashes removed, cut to the VR's length;
+* dates, times, code strings (Patient's Sex, Body Part Examined, ...) and ages that do not match
+  their format are left empty (Type 2) or dropped.
+
+The fixes are logged in one line with the attributes, the rules and the SOP Instance UID, never
+the values.
 :func:`quiet_person_name_warnings` silences highdicom's warning about single-component person
 names, whose text quotes the name itself and so would put patient data into the logs.
 """
 
 from __future__ import annotations
 
-import copy
+import logging
 import math
 import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Final
 
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
@@ -39,36 +62,44 @@ __all__ = [
     "source_metadata",
 ]
 
-_SPATIAL = frozenset(
-    {
-        "FrameOfReferenceUID",
-        "PositionReferenceIndicator",
-        "ImagePositionPatient",
-        "ImageOrientationPatient",
-        "PixelSpacing",
-        "ImagerPixelSpacing",
-        "SliceThickness",
-        "SpacingBetweenSlices",
-        "SliceLocation",
-    }
-)
+LOGGER = logging.getLogger(__name__)
+
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-_TYPE2_TEXT = (
-    "PatientName",
-    "PatientID",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
+# Identifiers: (maximum length, Type 2 in the results). Invalid ones are emptied or dropped.
+_IDENTIFIERS: Final = {
+    "PatientID": (64, True),
+    "IssuerOfPatientID": (64, False),
+    "AccessionNumber": (16, True),
+    "StudyID": (16, True),
+}
+_PERSON_NAMES: Final = {"PatientName": True, "ReferringPhysicianName": True}
+# Descriptive text: maximum length per value. Repaired, never emptied for being long.
+_TEXTS: Final = {
+    "StudyDescription": 64,
+    "DeidentificationMethod": 64,
+    "Manufacturer": 64,
+    "ManufacturerModelName": 64,
+    "DeviceSerialNumber": 64,
+    "InstitutionName": 64,
+    "InstitutionalDepartmentName": 64,
+    "StationName": 16,
+}
+_MULTI_TEXTS: Final = {"SoftwareVersions": 64}
+_MAX_VALUES = 16
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+_DATETIME = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
 _AGE = re.compile(r"^\d{3}[DWMY]$")
+_CODE = re.compile(r"^[A-Z0-9 _]{1,16}$")
+_DECIMAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _ORIENTATION = re.compile(r"^[APRLHF]{1,3}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _PERSON_NAME_WARNING = r".*unlikely to represent the intended person name.*"
 
 
 def source_metadata(source: Dataset) -> Dataset:
-    """Return a pixel-free, spatial-free, VR-valid copy of the source header.
+    """Return a new dataset with the allowlisted, VR-valid attributes of the source header.
 
     Parameters
     ----------
@@ -78,44 +109,80 @@ def source_metadata(source: Dataset) -> Dataset:
     Returns
     -------
     pydicom.Dataset
-        The copy, with file meta declaring Explicit VR Little Endian.
+        The allowlisted attributes, with file meta declaring Explicit VR Little Endian.
 
     Raises
     ------
     ValueError
-        When a UID that every result object needs is missing.
+        When a UID that every result object needs is missing or malformed, or Rows or Columns
+        is not a positive integer.
     """
-    sop_uid = str(source.get("SOPInstanceUID", "<no SOP Instance UID>"))
+    sop_uid = _sop_uid(source)
+    meta = Dataset()
     for keyword in _REQUIRED_UIDS:
-        if not str(source.get(keyword, "")).strip():
+        value = _single_text(source.get(keyword))
+        if not value or len(value) > 64 or not _UID.match(value):
             raise ValueError(
-                f"rule: the source must have {keyword} to derive results; it is absent "
+                f"rule: the source must have a valid {keyword} (at most 64 digits and dots) to "
+                f"derive results; it is {'absent' if not value else 'malformed'} (SOP {sop_uid})"
+            )
+        setattr(meta, keyword, value)
+    for keyword in ("Rows", "Columns"):
+        value = source.get(keyword)
+        if not isinstance(value, int) or not 1 <= value <= 0xFFFF:
+            raise ValueError(
+                f"rule: the source must have {keyword} in 1..65535 to derive results "
                 f"(SOP {sop_uid})"
             )
-    meta = Dataset()
-    for element in source:
-        if element.tag.group in (0x7FE0, 0xFFFC) or element.keyword in _SPATIAL:
-            continue
-        meta.add(copy.deepcopy(element))
-    for keyword in _TYPE2_TEXT:
-        if keyword not in meta or meta[keyword].value is None:
-            setattr(meta, keyword, "")
-    charsets = meta.get("SpecificCharacterSet")
-    if isinstance(charsets, MultiValue) and len(charsets) > 1 and not str(charsets[0]).strip():
-        # An empty first value means the default repertoire with ISO 2022 code extensions
-        # (PS3.3 C.12.1.1.2); highdicom wants it spelled out.
-        meta.SpecificCharacterSet = ["ISO 2022 IR 6", *charsets[1:]]
-    meta.PatientBirthDate = _valid_or_empty(source.get("PatientBirthDate"), _DATE)
-    meta.StudyDate = _valid_or_empty(source.get("StudyDate"), _DATE)
-    meta.StudyTime = _valid_or_empty(source.get("StudyTime"), _TIME)
-    sex = str(source.get("PatientSex", "") or "").strip().upper()
+        setattr(meta, keyword, value)
+    _copy_character_set(source, meta)
+    fixes = _Fixes()
+    for keyword, (limit, type2) in _IDENTIFIERS.items():
+        _copy_identifier(source, meta, keyword, limit, type2, fixes)
+    for keyword, type2 in _PERSON_NAMES.items():
+        _copy_person_name(source, meta, keyword, type2, fixes)
+    for keyword, limit in _TEXTS.items():
+        text = _repaired_text(source, keyword, limit, fixes)
+        if text:
+            setattr(meta, keyword, text)
+    for keyword, limit in _MULTI_TEXTS.items():
+        values = _repaired_values(source, keyword, limit, fixes)
+        if values:
+            setattr(meta, keyword, values)
+    meta.PatientBirthDate = _formatted(source, "PatientBirthDate", _DATE, fixes)
+    meta.StudyDate = _formatted(source, "StudyDate", _DATE, fixes)
+    meta.StudyTime = _formatted(source, "StudyTime", _TIME, fixes)
+    sex = _formatted(source, "PatientSex", _CODE, fixes)
     meta.PatientSex = sex if sex in ("M", "F", "O") else ""
-    if "PatientAge" in meta and not _AGE.match(str(meta.PatientAge or "")):
-        del meta.PatientAge
+    for keyword, pattern in (
+        ("PatientAge", _AGE),
+        ("AcquisitionDate", _DATE),
+        ("AcquisitionTime", _TIME),
+        ("AcquisitionDateTime", _DATETIME),
+        ("Modality", _CODE),
+        ("BodyPartExamined", _CODE),
+        ("PatientIdentityRemoved", re.compile(r"^(YES|NO)$")),
+        ("LossyImageCompression", re.compile(r"^0[01]$")),
+    ):
+        value = _formatted(source, keyword, pattern, fixes)
+        if value:
+            setattr(meta, keyword, value)
+    methods = _matching_values(source, "LossyImageCompressionMethod", _CODE, fixes)
+    if methods:
+        meta.LossyImageCompressionMethod = methods
+    ratios = _matching_values(source, "LossyImageCompressionRatio", _DECIMAL, fixes)
+    if ratios and all(len(r) <= 16 for r in ratios):
+        meta.LossyImageCompressionRatio = ratios
+    if fixes:
+        LOGGER.warning(
+            "SOP %s: source attributes that break their VR, fixed for the results: %s",
+            sop_uid,
+            ", ".join(fixes),
+        )
     meta.file_meta = FileMetaDataset()
     meta.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.file_meta.MediaStorageSOPClassUID = source.SOPClassUID
-    meta.file_meta.MediaStorageSOPInstanceUID = source.SOPInstanceUID
+    meta.file_meta.MediaStorageSOPClassUID = meta.SOPClassUID
+    meta.file_meta.MediaStorageSOPInstanceUID = meta.SOPInstanceUID
     return meta
 
 
@@ -185,6 +252,136 @@ def quiet_person_name_warnings() -> Iterator[None]:
         yield
 
 
-def _valid_or_empty(value: object, pattern: re.Pattern[str]) -> str:
-    text = "" if value is None else str(value).strip()
-    return text if pattern.match(text) else ""
+def _sop_uid(source: Dataset) -> str:
+    value = _single_text(source.get("SOPInstanceUID"))
+    if value and len(value) <= 64 and _UID.match(value):
+        return value
+    return "<no valid SOP Instance UID>"
+
+
+def _values(value: object) -> list[str]:
+    """The string values of an element value (bytes decoded as Latin-1, None as none)."""
+    if value is None:
+        return []
+    if isinstance(value, MultiValue | list | tuple):
+        return [_single_text(v) for v in value]
+    return [_single_text(value)]
+
+
+def _single_text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return str(value)
+
+
+class _Fixes(list[str]):
+    """What was fixed or dropped, one ``"Keyword (rule; action)"`` per attribute, no values."""
+
+    def add(self, keyword: str, rule: str, action: str) -> None:
+        self.append(f"{keyword} ({rule}; {action})")
+
+
+def _copy_character_set(source: Dataset, meta: Dataset) -> None:
+    charsets = source.get("SpecificCharacterSet")
+    if not charsets:
+        return
+    values = _values(charsets)
+    if len(values) > 1 and not values[0].strip():
+        # An empty first value means the default repertoire with ISO 2022 code extensions
+        # (PS3.3 C.12.1.1.2); highdicom wants it spelled out.
+        values[0] = "ISO 2022 IR 6"
+    meta.SpecificCharacterSet = values if len(values) > 1 else values[0]
+
+
+def _copy_identifier(
+    source: Dataset, meta: Dataset, keyword: str, limit: int, type2: bool, fixes: _Fixes
+) -> None:
+    if keyword not in source:
+        if type2:
+            setattr(meta, keyword, "")
+        return
+    values = _values(source[keyword].value)
+    text = values[0].strip() if len(values) == 1 else ""
+    problem = None
+    if len(values) > 1:
+        problem = "holds a backslash (several values)"
+    elif len(text) > limit:
+        problem = f"is longer than {limit} characters"
+    elif _CONTROL.search(text) or "\\" in text:
+        problem = "holds a control character or a backslash"
+    if problem is None:
+        if text or type2:
+            setattr(meta, keyword, text)
+        return
+    fixes.add(keyword, problem, "left empty" if type2 else "left out")
+    if type2:
+        setattr(meta, keyword, "")
+
+
+def _copy_person_name(
+    source: Dataset, meta: Dataset, keyword: str, type2: bool, fixes: _Fixes
+) -> None:
+    values = _values(source.get(keyword))
+    original = "\\".join(values)
+    groups = [
+        "^".join(group.split("^")[:5])[:64]
+        for group in _CONTROL.sub("", original.replace("\\", " ")).split("=")[:3]
+    ]
+    while len("=".join(groups)) > 64 and len(groups) > 1:
+        groups.pop()  # dciodvfy holds the whole value, not each group, to 64 characters
+    repaired = "=".join(groups)
+    if repaired != original:
+        fixes.add(keyword, "does not fit the PN VR", "repaired")
+    if repaired or type2:
+        setattr(meta, keyword, repaired)
+
+
+def _repair(text: str, limit: int) -> str:
+    return _CONTROL.sub("", text).replace("\\", "/").strip()[:limit].rstrip()
+
+
+def _repaired_text(source: Dataset, keyword: str, limit: int, fixes: _Fixes) -> str:
+    values = _values(source.get(keyword))
+    if not values:
+        return ""
+    original = "\\".join(values)
+    repaired = _repair(original, limit)
+    if repaired != original.strip():
+        fixes.add(keyword, f"does not fit its VR (at most {limit} characters, no controls)",
+               "repaired")  # fmt: skip
+    return repaired
+
+
+def _repaired_values(source: Dataset, keyword: str, limit: int, fixes: _Fixes) -> list[str]:
+    values = _values(source.get(keyword))
+    repaired = [_repair(v, limit) for v in values[:_MAX_VALUES]]
+    if repaired != [v.strip() for v in values]:
+        fixes.add(keyword, f"does not fit its VR (at most {limit} characters per value)",
+               "repaired")  # fmt: skip
+    return [v for v in repaired if v]
+
+
+def _formatted(source: Dataset, keyword: str, pattern: re.Pattern[str], fixes: _Fixes) -> str:
+    values = _values(source.get(keyword))
+    if not values:
+        return ""
+    text = values[0].strip() if len(values) == 1 else ""
+    if pattern.match(text):
+        return text
+    if any(v.strip() for v in values):
+        fixes.add(keyword, "does not match its VR's format", "left empty or out")
+    return ""
+
+
+def _matching_values(
+    source: Dataset, keyword: str, pattern: re.Pattern[str], fixes: _Fixes
+) -> list[str]:
+    values = [v.strip() for v in _values(source.get(keyword))]
+    if not values:
+        return []
+    if len(values) <= _MAX_VALUES and all(pattern.match(v) for v in values):
+        return values
+    fixes.add(keyword, "does not match its VR's format", "left out")
+    return []
