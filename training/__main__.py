@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from training.recipes import load_recipe, recipe_names
+from training.recipes import Recipe, load_recipe, recipe_names
 from training.rle import RleFormat
 
 logger = logging.getLogger("training")
@@ -47,21 +47,56 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> Path:
     from training.train import train
 
-    recipe = load_recipe(args.recipe)
-    run_dir = args.run_dir or _new_run_dir(args.runs, recipe.name)
-    info = train(
-        recipe,
-        run_dir,
-        data=args.data,
-        encoder_weights=args.encoder_weights,
-        distributed=args.data_parallel,
-        verbose=0 if args.quiet else 2,
-    )
+    if args.resume is not None:
+        run_dir = args.resume
+        info = train(
+            _run_recipe(run_dir),
+            run_dir,
+            data=args.data,
+            distributed=args.data_parallel,
+            verbose=0 if args.quiet else 2,
+            mixed_precision=args.mixed_precision,
+            resume=True,
+        )
+    else:
+        if args.recipe is None:
+            raise ValueError("train needs --recipe NAME (or --resume RUN)")
+        recipe = load_recipe(args.recipe)
+        run_dir = args.run_dir or _new_run_dir(args.runs, recipe.name)
+        options = {
+            "data": args.data,
+            "encoder_weights": args.encoder_weights,
+            "distributed": args.data_parallel,
+            "verbose": 0 if args.quiet else 2,
+            "mixed_precision": args.mixed_precision,
+        }
+        if recipe.cv is not None:
+            from training.crossval import train_cv
+
+            if args.init_from is not None:
+                raise ValueError("--init-from does not apply to a cross-validation recipe")
+            info = train_cv(recipe, run_dir, **options)
+        else:
+            info = train(recipe, run_dir, init_from=args.init_from, **options)
     print(
         f"run {run_dir}: {info.epochs} epochs in {info.seconds:.0f} s; validation challenge "
-        f"Dice {info.untrained_val_dice:.4f} untrained -> {info.final_val_dice:.4f} final model"
+        f"Dice (one model, 0.5, no TTA) {info.untrained_val_dice:.4f} untrained -> "
+        f"{_fmt(info.last_val_dice)} last epoch, {_fmt(info.best_val_dice)} best epoch"
+        f"{'' if info.best_epoch is None else f' ({info.best_epoch})'}"
     )
+    if info.encoder_weights is not None and info.encoder_weights.startswith("none"):
+        print("warning: the ResNet34 encoder was trained from random weights", file=sys.stderr)
     return run_dir
+
+
+def _run_recipe(run_dir: Path) -> Recipe:
+    from training.run import load_run_recipe
+
+    return load_run_recipe(run_dir)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -74,8 +109,15 @@ def _print_evaluation(run_dir: Path, data: Path | None, quiet: bool) -> None:
 
     record = evaluate_run(run_dir, data=data, progress=not quiet)
     t = record.thresholds
+    where = "out-of-fold" if record.out_of_fold else "validation"
+    for name, scores in record.candidates.items():
+        print(
+            f"  candidate {name}: tuned {scores['challenge_dice']:.4f}, "
+            f"0.5 {scores['challenge_dice_default']:.4f}"
+        )
     print(
-        f"{run_dir.name}: challenge Dice on {record.images} validation images: "
+        f"{run_dir.name}: ensemble '{record.choice}' ({', '.join(record.members)}) kept; "
+        f"challenge Dice of the exported package on {record.images} {where} images: "
         f"{record.scores['challenge_dice_default']:.4f} at 0.5, "
         f"{record.scores['challenge_dice']:.4f} with top {t.top}, bottom {t.bottom}, "
         f"min_area {t.min_area}, min_component_area {t.min_component_area}"
@@ -92,7 +134,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from training.export import export_package
 
     run_dir = _train(args)
-    _print_evaluation(run_dir, args.data, args.quiet)
+    _print_evaluation(run_dir, args.data if args.resume is None else None, args.quiet)
     out = export_package(run_dir, args.package or run_dir / "export", overwrite=True)
     print(f"model package: {out}")
     return 0
@@ -108,6 +150,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from pneumonode.inference.card import ModelCard
     from training.export import export_package
 
     out = export_package(
@@ -118,7 +161,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
         version=args.version,
         overwrite=args.overwrite,
     )
-    print(f"model package: {out}")
+    card = ModelCard.load(out)
+    dice = card.validation.get("challenge_dice")
+    print(
+        f"model package: {out} ({', '.join(card.members)}); validation challenge Dice of this "
+        f"package: {_fmt(dice)}"
+    )
     return 0
 
 
@@ -168,6 +216,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_data(args: argparse.Namespace) -> int:
+    from training.bench_data import bench_data
+
+    result = bench_data(
+        args.size, images=args.images, batches=args.batches, batch_size=args.batch_size,
+        data=args.data, target=args.target, host_cores=args.host_cores,
+    )
+    print(result.describe())
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pneumonode-train",
@@ -198,16 +259,40 @@ def _parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument(
-            "--recipe", required=True, help=f"one of {', '.join(recipe_names())} or a .toml path"
+            "--recipe", default=None, help=f"one of {', '.join(recipe_names())} or a .toml path"
         )
         p.add_argument("--runs", type=Path, default=Path("runs"), help="parent of run folders")
         p.add_argument("--run-dir", type=Path, default=None, help="exact run folder")
         p.add_argument("--data", type=Path, default=None, help="prepared-data folder override")
         p.add_argument(
             "--encoder-weights",
+            default=None,
+            metavar="PATH|none",
+            help=(
+                "ResNet34 recipes: local ImageNet weights (resnet34_imagenet_1000_no_top.h5, "
+                "as the paper), or 'none' to train the encoder from random weights on purpose "
+                "(recorded in run.json and the model card); required for ResNet34"
+            ),
+        )
+        p.add_argument(
+            "--mixed-precision",
+            choices=["bfloat16", "float16"],
+            default=None,
+            help="mixed-precision training (outputs and the exported package stay float32)",
+        )
+        p.add_argument(
+            "--resume",
             type=Path,
             default=None,
-            help="local ResNet34 ImageNet weights (.h5)",
+            metavar="RUN",
+            help="go on with an interrupted run from its last finished epoch",
+        )
+        p.add_argument(
+            "--init-from",
+            type=Path,
+            default=None,
+            metavar="RUN",
+            help="start from another run's final weights (or a .keras file), e.g. to up-train",
         )
         p.add_argument(
             "--data-parallel", action="store_true", help="train data-parallel on every local GPU"
@@ -245,7 +330,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--package", type=Path, required=True)
     p.add_argument("--images", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--rle-format", choices=[f.value for f in RleFormat], default="relative")
+    p.add_argument(
+        "--rle-format",
+        choices=[f.value for f in RleFormat],
+        required=True,
+        help=(
+            "relative: run starts counted from the end of the previous run, as in the "
+            "challenge's stage-1 train-rle.csv; absolute: 1-based run starts (Kaggle's "
+            "standard run-length encoding), as in the stage-2 files and submissions"
+        ),
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_submit)
@@ -261,6 +355,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-parallel", action="store_true")
     p.add_argument("--json", action="store_true", help="also print a JSON line")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser(
+        "bench-data", help="images/s of the training loader on one core, workers for a target"
+    )
+    p.add_argument("--size", type=int, default=256, help="training size, pixels")
+    p.add_argument("--images", type=int, default=64, help="phantoms cached (without --data)")
+    p.add_argument("--data", type=Path, default=None, help="prepared-data folder to read")
+    p.add_argument("--batches", type=int, default=8, help="batches timed")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--target", type=float, default=1000.0, help="images/s the GPU needs")
+    p.add_argument("--host-cores", type=int, default=16, help="cores of the GPU host")
+    p.add_argument("--json", action="store_true", help="also print a JSON line")
+    p.set_defaults(func=_cmd_bench_data)
     return parser
 
 

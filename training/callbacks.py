@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -336,23 +338,43 @@ class EpochLog(keras.callbacks.Callback):  # type: ignore[misc]
     ----------
     path : pathlib.Path
         The CSV (``history.csv`` of the run).
+    append : bool
+        Keep the rows already there (a resumed run) instead of starting the file anew; rows of
+        epochs at or after the first epoch trained now are dropped.
     """
 
     COLUMNS = ("epoch", "lr", "seconds", "loss", "hard_dice", "val_loss", VAL_DICE)
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, append: bool = False) -> None:
         super().__init__()
         self.path = path
+        self.append = append
         self._lr = 0.0
         self._start = 0.0
+        self._first = True
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        """Write the header."""
+        """Write the header (unless appending)."""
+        self._first = True
+        if self.append and self.path.is_file():
+            return
         with self.path.open("w", newline="", encoding="utf-8") as handle:
             csv.writer(handle, lineterminator="\n").writerow(self.COLUMNS)
 
+    def read(self) -> list[dict[str, str]]:
+        """The rows written so far."""
+        with self.path.open(newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         """Remember the epoch's rate and start time."""
+        if self._first and self.append:
+            kept = [row for row in self.read() if int(row["epoch"]) < epoch]
+            with self.path.open("w", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=self.COLUMNS, lineterminator="\n")
+                writer.writeheader()
+                writer.writerows(kept)
+        self._first = False
         self._lr = get_learning_rate(self.model)
         self._start = time.monotonic()
 
@@ -365,3 +387,173 @@ class EpochLog(keras.callbacks.Callback):  # type: ignore[misc]
             row.append("" if value is None else f"{float(value):.6f}")
         with self.path.open("a", newline="", encoding="utf-8") as handle:
             csv.writer(handle, lineterminator="\n").writerow(row)
+
+
+class TopKAverage(keras.callbacks.Callback):  # type: ignore[misc]
+    """Keep the weights of the ``k`` epochs with the best validation Dice; save their average.
+
+    The SIIM winners' checkpoint averaging. At the end of training the model gets the plain
+    mean of those weights, its BatchNorm statistics are recomputed over ``bn_data`` (as for
+    SWA) and it is saved to ``path``; the model keeps the averaged weights afterwards.
+
+    Parameters
+    ----------
+    k : int
+        Number of epochs averaged.
+    path : pathlib.Path
+        Where the averaged model is saved.
+    bn_data : keras.utils.PyDataset or None
+        Training batches without augmentation for the BatchNorm pass.
+    monitor : str
+        Logged value to maximise (placed in the logs by :class:`ValidationDice`).
+    """
+
+    def __init__(
+        self,
+        k: int,
+        path: Path,
+        bn_data: keras.utils.PyDataset | None,
+        monitor: str = VAL_DICE,
+    ) -> None:
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"TopKAverage k must be >= 1, got {k}")
+        self.k = k
+        self.path = path
+        self.bn_data = bn_data
+        self.monitor = monitor
+        self.kept: list[tuple[float, int, list[NDArray[Any]]]] = []
+
+    @property
+    def epochs(self) -> list[int]:
+        """0-based epochs currently kept, best first."""
+        return [epoch for _, epoch, _ in sorted(self.kept, key=lambda t: (-t[0], t[1]))]
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        """Keep this epoch's weights when they are among the ``k`` best so far."""
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            raise ValueError(f"TopKAverage needs {self.monitor!r} in the logs (ValidationDice)")
+        self.kept.append((float(value), epoch, [np.array(w) for w in self.model.get_weights()]))
+        self.kept.sort(key=lambda t: (-t[0], t[1]))
+        del self.kept[self.k :]
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        """Average, recompute BatchNorm, save."""
+        if not self.kept:
+            return
+        averaged = [
+            np.mean([weights[i] for _, _, weights in self.kept], axis=0).astype(w.dtype)
+            for i, w in enumerate(self.kept[0][2])
+        ]
+        self.model.set_weights(averaged)
+        if batchnorm_layers(self.model) and self.bn_data is not None:
+            recompute_batchnorm(self.model, _Batches(self.bn_data, None))
+        self.model.save(self.path)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
+        """What :class:`ResumeCheckpoint` saves: scores and epochs, and the kept weights."""
+        arrays = {
+            f"top{rank}_{i}": w for rank, (_, _, ws) in enumerate(self.kept) for i, w in
+            enumerate(ws)
+        }
+        return {"kept": [[score, epoch, len(ws)] for score, epoch, ws in self.kept]}, arrays
+
+    def restore(self, values: dict[str, Any], arrays: dict[str, NDArray[Any]]) -> None:
+        """Undo :meth:`state`."""
+        self.kept = [
+            (float(score), int(epoch), [arrays[f"top{rank}_{i}"] for i in range(int(n))])
+            for rank, (score, epoch, n) in enumerate(values["kept"])
+        ]
+
+
+def swa_state(swa: StochasticWeightAveraging) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
+    """The running SWA mean and its count, for :class:`ResumeCheckpoint`."""
+    return {"count": swa.count}, {f"swa_{i}": m for i, m in enumerate(swa.mean)}
+
+
+def swa_restore(
+    swa: StochasticWeightAveraging, values: dict[str, Any], arrays: dict[str, NDArray[Any]]
+) -> None:
+    """Undo :func:`swa_state`."""
+    swa.count = int(values["count"])
+    swa.mean = [arrays[f"swa_{i}"] for i in range(sum(k.startswith("swa_") for k in arrays))]
+
+
+class ResumeCheckpoint(keras.callbacks.Callback):  # type: ignore[misc]
+    """After every epoch, save what ``train --resume`` needs to go on from the next one.
+
+    ``<directory>/model.keras`` (weights and optimizer state), ``state.json`` (the last
+    finished epoch and the state of the stateful callbacks) and ``state.npz`` (their arrays:
+    the SWA running mean, the top-k weights). Written to temporary names and renamed, so a
+    crash leaves the previous epoch's complete checkpoint.
+
+    Parameters
+    ----------
+    directory : pathlib.Path
+        ``<run>/resume``.
+    stateful : dict
+        ``name -> (get, set)``: ``get() -> (json values, arrays)``, ``set(values, arrays)``.
+    saved : tuple or None
+        What :meth:`load` returned, restored when training begins (list this callback last).
+    """
+
+    MODEL = "model.keras"
+    STATE = "state.json"
+    ARRAYS = "state.npz"
+
+    def __init__(
+        self,
+        directory: Path,
+        stateful: dict[str, tuple[Any, Any]],
+        saved: tuple[dict[str, Any], dict[str, NDArray[Any]]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.directory = directory
+        self.stateful = stateful
+        self.saved = saved
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        """Restore the saved state, after the other callbacks have reset theirs."""
+        if self.saved is not None:
+            self.restore(*self.saved)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        """Write the checkpoint of ``epoch``."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        values: dict[str, Any] = {"epoch": epoch}
+        arrays: dict[str, NDArray[Any]] = {}
+        for name, (get, _) in self.stateful.items():
+            part, part_arrays = get()
+            values[name] = part
+            arrays.update({f"{name}/{key}": value for key, value in part_arrays.items()})
+        tmp_model = self.directory / f".partial.{self.MODEL}"
+        self.model.save(tmp_model)
+        with (self.directory / f".partial.{self.ARRAYS}").open("wb") as handle:
+            np.savez(handle, **arrays)
+        (self.directory / f".partial.{self.STATE}").write_text(
+            json.dumps(values, indent=2) + "\n", encoding="utf-8"
+        )
+        for name in (self.MODEL, self.ARRAYS, self.STATE):
+            os.replace(self.directory / f".partial.{name}", self.directory / name)
+
+    @classmethod
+    def load(cls, directory: Path) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
+        """The saved values and arrays of the last finished epoch."""
+        state = directory / cls.STATE
+        if not state.is_file():
+            raise FileNotFoundError(f"no resume checkpoint in {directory} ({cls.STATE} missing)")
+        values = json.loads(state.read_text(encoding="utf-8"))
+        with np.load(directory / cls.ARRAYS) as handle:
+            arrays = {key: handle[key] for key in handle.files}
+        return values, arrays
+
+    def restore(self, values: dict[str, Any], arrays: dict[str, NDArray[Any]]) -> None:
+        """Give each stateful callback back its saved state."""
+        for name, (_, put) in self.stateful.items():
+            prefix = f"{name}/"
+            put(
+                values[name],
+                {key[len(prefix) :]: value for key, value in arrays.items()
+                 if key.startswith(prefix)},
+            )

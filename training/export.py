@@ -33,6 +33,50 @@ def load_member(path: Path) -> keras.Model:
     )
 
 
+def _mixed(model: keras.Model) -> bool:
+    for layer in model.layers:
+        policy = getattr(layer, "dtype_policy", None)
+        if policy is not None and policy.compute_dtype != "float32":
+            return True
+        if isinstance(layer, keras.Model) and _mixed(layer):
+            return True
+    return False
+
+
+def float32_member(path: Path, recipe: Recipe) -> keras.Model:
+    """A run's model file in float32: a mixed-precision member is rebuilt and given its weights.
+
+    The node runs packages in float32 on any backend and device, whatever the run trained in.
+    """
+    model = load_member(path)
+    if not _mixed(model):
+        return model
+    from training.train import build_model, precision
+
+    with precision("float32"):
+        rebuilt = build_model(recipe.model)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
+
+
+def package_input(model: keras.Model, recipe: Recipe) -> InputSpec:
+    """What the package's card says the member takes.
+
+    Models built by ``training.train`` scale and repeat their input themselves: 1 channel in
+    [0, 1], mean 0, std 1. Older members (input with the network's channels) keep the
+    recipe's channels, mean and std.
+    """
+    channels = int(model.inputs[0].shape[-1])
+    size = recipe.model.input_size if model.inputs[0].shape[1] is None else int(
+        model.inputs[0].shape[1]
+    )
+    if channels == 1 and any(layer.name == "input_scale" for layer in model.layers):
+        return InputSpec(size=size, channels=1, mean=0.0, std=1.0)
+    return InputSpec(
+        size=size, channels=recipe.model.channels, mean=recipe.model.mean, std=recipe.model.std
+    )
+
+
 def build_card(
     recipe: Recipe,
     info: RunInfo,
@@ -43,6 +87,7 @@ def build_card(
     name: str | None = None,
     version: str | None = None,
     uid: str | None = None,
+    input_spec: InputSpec | None = None,
 ) -> ModelCard:
     """The model card of a run's package.
 
@@ -60,6 +105,8 @@ def build_card(
         Validation scores to record.
     name, version, uid : str or None
         Defaults: ``pneumonode-<recipe>``, ``1.0.<epochs>``, a new UID.
+    input_spec : InputSpec or None
+        The members' input (default: the recipe's size, 1 channel in [0, 1]).
 
     Returns
     -------
@@ -67,7 +114,17 @@ def build_card(
         The validated card.
     """
     synthetic = isinstance(recipe.data, PhantomData)
-    notes = [recipe.description]
+    notes = [recipe.description, f"architecture {info.architecture}"]
+    if info.encoder_weights is not None:
+        notes.append(f"ResNet34 encoder start: {info.encoder_weights}")
+    if info.input_transform:
+        notes.append(f"input: {info.input_transform}")
+    if info.mixed_precision != "float32":
+        notes.append(f"trained in mixed {info.mixed_precision}, packaged in float32")
+    if info.init_from:
+        notes.append(f"initialised from {info.init_from}")
+    if info.folds:
+        notes.append(f"{info.folds}-fold cross-validation ensemble")
     if info.snapshot_epochs:
         notes.append(f"snapshots after epochs {info.snapshot_epochs} (0-based)")
     if info.swa_start_epoch is not None:
@@ -84,12 +141,7 @@ def build_card(
         uid=uid or str(generate_uid()),
         variant=recipe.model.variant,
         demo=synthetic,
-        input=InputSpec(
-            size=recipe.model.input_size,
-            channels=recipe.model.channels,
-            mean=recipe.model.mean,
-            std=recipe.model.std,
-        ),
+        input=input_spec or InputSpec(size=recipe.model.input_size, channels=1),
         thresholds=thresholds,
         tta=TTA(hflip=recipe.evaluation.tta_hflip),
         members=list(members),
@@ -114,8 +166,12 @@ def export_package(
 ) -> Path:
     """Write a node model package from a finished run.
 
-    Each member is loaded and saved again without optimizer state. Thresholds and validation
-    scores come from the run's ``evaluation.json`` unless given.
+    Each member is loaded and saved again without optimizer state, in float32. The members
+    default to the ensemble ``evaluate`` chose (all of them before an evaluation). Thresholds
+    and validation scores are those ``evaluate`` measured for exactly these members; for any
+    other subset they are tuned again on the run's validation split
+    (:func:`training.evaluate.score_members`) and the measured scores are written, so a card
+    never carries another ensemble's figures.
 
     Parameters
     ----------
@@ -124,11 +180,11 @@ def export_package(
     out : pathlib.Path
         Package folder to create.
     members : sequence of str or None
-        Subset of the run's members (default: all of them, e.g. every snapshot and SWA).
+        Subset of the run's members (default: the evaluated choice, else all).
     thresholds : Thresholds or None
-        Post-processing; default from ``evaluation.json``, else 0.5 / 0.5 / 0 / 0.
+        Post-processing; default: measured for these members (see above).
     validation : dict or None
-        Scores for the card; default from ``evaluation.json``.
+        Scores for the card; default: measured for these members.
     name, version : str or None
         Card name and version (see :func:`build_card`).
     overwrite : bool
@@ -141,22 +197,40 @@ def export_package(
     """
     info = RunInfo.load(run_dir)
     recipe = load_run_recipe(run_dir)
-    chosen = list(members) if members else list(info.members)
+    evaluation = EvaluationRecord.load(run_dir)
+    if members:
+        chosen = list(members)
+    else:
+        chosen = list(evaluation.members) if evaluation else list(info.members)
     unknown = [m for m in chosen if m not in info.members]
     if unknown:
         raise ValueError(f"members {unknown} are not in run {run_dir} (has {info.members})")
-    evaluation = EvaluationRecord.load(run_dir)
-    if thresholds is None:
-        thresholds = evaluation.thresholds if evaluation else Thresholds()
-    if validation is None:
-        validation = dict(evaluation.scores) if evaluation else {}
+    if thresholds is None or validation is None:
+        if evaluation is not None and sorted(evaluation.members) == sorted(chosen):
+            measured_t, measured_v = evaluation.thresholds, dict(evaluation.scores)
+        elif evaluation is None:
+            measured_t, measured_v = Thresholds(), {}
+        else:
+            from training.evaluate import score_members
+
+            result = score_members(run_dir, chosen)
+            measured_t = result.thresholds
+            measured_v = {
+                "challenge_dice": result.dice, "challenge_dice_default": result.default_dice
+            }
+        thresholds = thresholds if thresholds is not None else measured_t
+        validation = validation if validation is not None else measured_v
     if out.exists():
         if not overwrite:
             raise FileExistsError(f"package folder {out} exists; pass overwrite to replace it")
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    first = None
     for member in chosen:
-        load_member(run_dir / member).save(out / member)
+        model = float32_member(run_dir / member, recipe)
+        if first is None:
+            first = model
+        model.save(out / member)
     card = build_card(
         recipe,
         info,
@@ -165,6 +239,7 @@ def export_package(
         validation=validation,
         name=name,
         version=version,
+        input_spec=package_input(first, recipe),
     )
     card.save(out)
     return out

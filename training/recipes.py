@@ -43,11 +43,34 @@ class ModelSpec(_Strict):
     encoder_weights: Path | None = Field(
         default=None, description="attention_resnet34 only: ImageNet ResNet34 weights file"
     )
-    mean: float = 0.0
-    std: float = Field(default=1.0, gt=0.0)
+    architecture: Literal["fixed", "paper"] = Field(
+        default="fixed",
+        description=(
+            "fixed: the gates act on the skips as in Oktay et al.; paper: the seed's graphs as "
+            "published (see pneumonode.nets), 3-channel 0-255 input"
+        ),
+    )
+    mean: float = Field(default=0.0, description="Subtracted after input scaling, in the model")
+    std: float = Field(default=1.0, gt=0.0, description="Divisor after mean, in the model")
+
+    @property
+    def input_scale(self) -> float:
+        """Factor from the [0, 1] package input to what the network expects.
+
+        255 for the ResNet34 encoder (ImageNet ``bn_data`` statistics are of 0-255 pixels) and
+        for the seed's graphs (fed 0-255 images); 1 for the corrected Attention U-Net.
+        """
+        if self.variant == "attention_resnet34" or self.architecture == "paper":
+            return 255.0
+        return 1.0
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
+        if self.architecture == "paper" and self.channels != 3:
+            raise ValueError(
+                "architecture 'paper' takes the seed's 3-channel 0-255 input, set channels = 3 "
+                f"(got {self.channels})"
+            )
         if self.variant == "attention_resnet34" and self.channels != 3:
             raise ValueError(
                 "attention_resnet34 takes 3 channels (gray repeated), set channels = 3"
@@ -90,6 +113,47 @@ class Swa(_Strict):
     )
 
 
+class Loss(_Strict):
+    """Weights of the loss terms: binary cross-entropy, ``1 - soft Dice`` and focal loss."""
+
+    bce: float = Field(default=1.0, ge=0.0)
+    dice: float = Field(default=1.0, ge=0.0)
+    focal: float = Field(default=0.0, ge=0.0)
+    focal_gamma: float = Field(default=2.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _some_term(self) -> Loss:
+        if self.bce + self.dice + self.focal <= 0.0:
+            raise ValueError("loss: at least one of bce, dice, focal must be > 0")
+        return self
+
+
+class Oversampling(_Strict):
+    """Share of images with pneumothorax in each epoch, linear from ``start`` to ``end``."""
+
+    start: float = Field(gt=0.0, lt=1.0, description="Share of positives in the first epoch")
+    end: float = Field(gt=0.0, lt=1.0, description="Share of positives in the last epoch")
+
+
+class Upsize(_Strict):
+    """A second stage: the first stage's weights trained further at a larger size."""
+
+    input_size: int = Field(ge=16, le=2048)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0.0, description="Rate at the start of the stage's cosine cycle")
+    prepared: Path | None = Field(
+        default=None, description="siim only: prepared-data folder at input_size"
+    )
+
+
+class CrossValidation(_Strict):
+    """k-fold cross-validation over every prepared image, stratified by pneumothorax."""
+
+    folds: int = Field(ge=2, le=10)
+    seed: int = 42
+
+
 class Train(_Strict):
     """Optimisation."""
 
@@ -100,7 +164,13 @@ class Train(_Strict):
     )
     seed: int = 42
     augment: bool = True
-    workers: int = Field(default=1, ge=1, description="PyDataset loader threads")
+    workers: int = Field(default=1, ge=1, description="Loader workers")
+    processes: bool = Field(
+        default=False, description="Loader workers are processes (threads when false)"
+    )
+    top_k: int | None = Field(
+        default=None, ge=1, description="Also save the average of the k best epochs' weights"
+    )
     jit_compile: bool | Literal["auto"] = Field(
         default="auto", description="XLA compilation (fast on GPUs; slow to compile on CPUs)"
     )
@@ -141,6 +211,10 @@ class Recipe(_Strict):
     plateau: Plateau | None = None
     snapshots: Snapshots | None = None
     swa: Swa | None = None
+    loss: Loss = Loss()
+    oversampling: Oversampling | None = None
+    upsize: Upsize | None = None
+    cv: CrossValidation | None = None
     evaluation: Evaluation = Evaluation()
 
     @model_validator(mode="after")
@@ -156,6 +230,14 @@ class Recipe(_Strict):
                 f"swa.start_epoch ({self.swa.start_epoch}) must be < train.epochs "
                 f"({self.train.epochs})"
             )
+        if self.upsize is not None:
+            if self.upsize.input_size <= self.model.input_size:
+                raise ValueError(
+                    f"upsize.input_size ({self.upsize.input_size}) must exceed model.input_size "
+                    f"({self.model.input_size})"
+                )
+            if isinstance(self.data, SiimData) and self.upsize.prepared is None:
+                raise ValueError("upsize.prepared is required for siim data")
         return self
 
 

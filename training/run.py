@@ -39,6 +39,30 @@ class RunInfo(BaseModel):
     seconds: float
     backend: str
     replicas: int = 1
+    architecture: str = Field(default="fixed", description="fixed or paper (the seed's graphs)")
+    encoder_weights: str | None = Field(
+        default=None,
+        description="ResNet34 encoder start: the weights file, or 'none' (random, by request)",
+    )
+    input_transform: str = Field(
+        default="", description="What the model does to its [0, 1] gray input (in the graph)"
+    )
+    mixed_precision: str = "float32"
+    init_from: str | None = Field(default=None, description="Model file the weights came from")
+    resumed_at_epochs: list[int] = Field(
+        default_factory=list, description="0-based epochs at which the run was resumed"
+    )
+    last_val_dice: float | None = Field(
+        default=None, description="Validation challenge Dice (0.5) of the last epoch's weights"
+    )
+    best_val_dice: float | None = Field(
+        default=None, description="Best per-epoch validation challenge Dice (0.5)"
+    )
+    best_epoch: int | None = Field(default=None, description="0-based epoch of best_val_dice")
+    top_k_epochs: list[int] = Field(
+        default_factory=list, description="0-based epochs averaged into top_k.keras"
+    )
+    folds: int | None = Field(default=None, description="Cross-validation folds (members)")
 
     def save(self, run_dir: Path) -> Path:
         """Write ``run.json``."""
@@ -84,6 +108,16 @@ class EvaluationRecord(BaseModel):
     members: list[str]
     tta_hflip: bool
     seconds: float
+    choice: str = Field(
+        default="all", description="Candidate ensemble kept: swa, snapshots, all, best, folds"
+    )
+    candidates: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Per candidate ensemble: challenge_dice (tuned) and challenge_dice_default",
+    )
+    out_of_fold: bool = Field(
+        default=False, description="Scored on out-of-fold predictions (cross-validation)"
+    )
 
     def save(self, run_dir: Path) -> Path:
         """Write ``evaluation.json``."""

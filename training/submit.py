@@ -30,7 +30,7 @@ def write_submission(
     images: Path,
     out: Path,
     *,
-    rle_format: RleFormat = RleFormat.RELATIVE,
+    rle_format: RleFormat,
     batch_size: int = 8,
     progress: bool = True,
 ) -> int:
@@ -48,7 +48,9 @@ def write_submission(
     out : pathlib.Path
         CSV to write.
     rle_format : RleFormat
-        Stage 1 used relative starts, stage 2 absolute ones.
+        No default, on purpose: the challenge's stage-1 ``train-rle.csv`` used relative starts
+        (counted from the end of the previous run), its stage-2 files and submissions absolute,
+        1-based starts (Kaggle's standard run-length encoding). See :class:`RleFormat`.
     batch_size : int
         Images per prediction batch.
     progress : bool
