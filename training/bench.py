@@ -89,7 +89,8 @@ def bench_epoch(
     spec = recipe.model
     batch = recipe.train.batch_size
     rng = np.random.default_rng(0)
-    x = rng.random((batch, spec.input_size, spec.input_size, spec.channels), dtype=np.float32)
+    # The model takes one gray channel in [0, 1] and scales and repeats it itself.
+    x = rng.random((batch, spec.input_size, spec.input_size, 1), dtype=np.float32)
     y = (rng.random((batch, spec.input_size, spec.input_size, 1)) > 0.9).astype(np.float32)
     with data_parallel(distributed) as replicas:
         model = build_model(spec)
