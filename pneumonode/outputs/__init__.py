@@ -1,1 +1,1 @@
-"""DICOM result objects: Segmentation and secondary-capture overlay."""
+"""DICOM result objects: Segmentation, secondary-capture overlay and SR measurement report."""

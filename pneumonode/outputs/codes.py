@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import Final
 
+from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 __all__ = [
+    "ABSENT",
     "ARTIFICIAL_INTELLIGENCE",
     "CHEST",
     "MORPHOLOGICALLY_ABNORMAL_STRUCTURE",
+    "PLAIN_CHEST_XRAY",
     "PNEUMOTHORAX",
+    "PRESENT",
     "PROCESSING_EQUIPMENT",
 ]
 
@@ -30,3 +34,10 @@ CHEST: Final = Code("816094009", "SCT", "Chest")
 
 #: Purpose of Reference of the AI model in the Contributing Equipment Sequence (CID 7005).
 PROCESSING_EQUIPMENT: Final = Code("109102", "DCM", "Processing Equipment")
+
+#: Procedure Reported of the measurement report (TID 1500): SCT 399208008.
+PLAIN_CHEST_XRAY: Final = Code("399208008", "SCT", "Plain chest X-ray")
+
+#: Values of the "pneumothorax" qualitative evaluation: SCT 52101004 / SCT 272519000.
+PRESENT: Final = codes.SCT.Present
+ABSENT: Final = codes.SCT.Absent

@@ -1,4 +1,4 @@
-"""SEG and SC overlay for synthetic and real sources: dciodvfy clean, read back with highdicom."""
+"""SEG, SC overlay and SR for synthetic and real sources: dciodvfy clean, read back by highdicom."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from pneumonode.findings import Finding
 from pneumonode.inference.card import ModelCard
 from pneumonode.outputs.overlay import build_overlay
 from pneumonode.outputs.seg import build_segmentation
+from pneumonode.outputs.sr import build_report
 
 CREATED = datetime.datetime(2024, 5, 6, 7, 8, 9, 123456)
 
@@ -51,7 +52,10 @@ def _check_pair(
 ) -> None:
     image = decode(source)
     finding = make_finding(mask, image)
-    uids = {k: str(generate_uid()) for k in ("seg_series", "seg_sop", "sc_series", "sc_sop")}
+    uids = {
+        k: str(generate_uid())
+        for k in ("seg_series", "seg_sop", "sc_series", "sc_sop", "sr_series", "sr_sop")
+    }
     seg = build_segmentation(
         source, finding, card,
         series_instance_uid=uids["seg_series"], sop_instance_uid=uids["seg_sop"],
@@ -62,11 +66,17 @@ def _check_pair(
         series_instance_uid=uids["sc_series"], sop_instance_uid=uids["sc_sop"],
         created=CREATED,
     )  # fmt: skip
-    seg_path, sc_path = folder / "seg.dcm", folder / "sc.dcm"
+    sr = build_report(
+        source, finding, card, seg,
+        series_instance_uid=uids["sr_series"], sop_instance_uid=uids["sr_sop"], created=CREATED,
+    )  # fmt: skip
+    seg_path, sc_path, sr_path = folder / "seg.dcm", folder / "sc.dcm", folder / "sr.dcm"
     pydicom.dcmwrite(seg_path, seg, enforce_file_format=True)
     pydicom.dcmwrite(sc_path, sc, enforce_file_format=True)
+    pydicom.dcmwrite(sr_path, sr, enforce_file_format=True)
     check(seg_path)
     check(sc_path)
+    check(sr_path)
 
     back = hd.seg.segread(seg_path)
     assert back.SOPInstanceUID == uids["seg_sop"]

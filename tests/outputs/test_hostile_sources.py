@@ -27,6 +27,7 @@ from pneumonode.findings import Finding
 from pneumonode.inference.card import ModelCard
 from pneumonode.outputs.overlay import build_overlay
 from pneumonode.outputs.seg import build_segmentation
+from pneumonode.outputs.sr import build_report
 
 CREATED = datetime.datetime(2024, 3, 4, 5, 6, 7)
 # Values that break their VR: over-long, control characters, backslashes, wrong format.
@@ -75,18 +76,22 @@ def _build_all(
     image = decode(source)
     mask = synthetic.lesion_mask(int(source.Rows), int(source.Columns)) & positive
     finding = make_finding(mask, image)
-    return {
-        "seg": build_segmentation(
-            source, finding, card,
-            series_instance_uid=str(generate_uid()), sop_instance_uid=str(generate_uid()),
-            created=CREATED,
-        ),
-        "sc": build_overlay(
-            source, image, finding, card,
-            series_instance_uid=str(generate_uid()), sop_instance_uid=str(generate_uid()),
-            created=CREATED,
-        ),
-    }  # fmt: skip
+    seg = build_segmentation(
+        source, finding, card,
+        series_instance_uid=str(generate_uid()), sop_instance_uid=str(generate_uid()),
+        created=CREATED,
+    )  # fmt: skip
+    sc = build_overlay(
+        source, image, finding, card,
+        series_instance_uid=str(generate_uid()), sop_instance_uid=str(generate_uid()),
+        created=CREATED,
+    )  # fmt: skip
+    sr = build_report(
+        source, finding, card, seg,
+        series_instance_uid=str(generate_uid()), sop_instance_uid=str(generate_uid()),
+        created=CREATED,
+    )  # fmt: skip
+    return {"seg": seg, "sc": sc, "sr": sr}
 
 
 def _reread(source: Dataset, folder: Path) -> Dataset:
@@ -113,7 +118,7 @@ def test_values_that_break_their_vr_are_fixed_or_dropped(
     with caplog.at_level(logging.WARNING, logger="pneumonode.outputs.source"):
         results = _build_all(source, real_card, make_finding)
     fixes = [r.getMessage() for r in caplog.records if r.name == "pneumonode.outputs.source"]
-    assert len(fixes) == 2  # one line per result object built
+    assert len(fixes) == 3  # one line per result object built
     assert str(source.SOPInstanceUID) in fixes[0] and "PatientID" in fixes[0]
     assert not [m for m in fixes if "DOE" in m or "pwned" in m or "999" in m]  # no values
     for name, result in results.items():
@@ -228,8 +233,8 @@ def test_a_huge_source_sequence_is_not_copied_and_costs_nothing(
         assert "OtherPatientIDsSequence" not in result, name
         assert "OperatorsName" not in result, name
         assert not [e for e in result if e.tag.is_private], name
-    assert elapsed < 10.0, f"building SEG and SC took {elapsed:.1f} s"
-    assert growth < 150, f"building SEG and SC grew the process by {growth:.0f} MB"
+    assert elapsed < 10.0, f"building SEG, SC and SR took {elapsed:.1f} s"
+    assert growth < 150, f"building SEG, SC and SR grew the process by {growth:.0f} MB"
 
 
 def test_a_one_column_65535_row_source_gives_a_bounded_overlay(
