@@ -8,12 +8,14 @@ import errno
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from pneumonode import __version__
+from pneumonode.dicom.log_escape import safe_handler
 from pneumonode.settings import ConfigError, Settings, load_settings
 
 LOGGER = logging.getLogger("pneumonode")
@@ -45,13 +47,22 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s",
-        stream=sys.stderr,
+    """Log to stderr, one line per record, with no control characters from the network."""
+    handler = safe_handler(
+        logging.StreamHandler(sys.stderr),
+        "%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s",
     )
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+    logging.captureWarnings(True)  # warnings go through the same escaping formatter
     for noisy in ("pynetdicom", "apscheduler", "highdicom", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # pydicom logs, and warns, once per invalid element of every malformed data set it reads;
+    # intake reports the refusal itself, in one line. pydicom sets its logger's level when it is
+    # first imported, so it is imported before the level is set.
+    import pydicom.config  # noqa: F401
+
+    logging.getLogger("pydicom").setLevel(max(logging.ERROR, logging.getLogger().level))
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

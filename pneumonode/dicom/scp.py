@@ -10,6 +10,7 @@ import ssl
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,25 @@ from typing import Any
 import pydicom.uid as pduid
 from pydicom.pixels.decoders.base import get_decoder
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
+from pneumonode.dicom.instance import (
+    CommandIdentity,
+    InstanceTooLarge,
+    UndecodableInstance,
+    spool_file_bytes,
+)
 from pneumonode.dicom.intake import Intake, Status, is_valid_uid
 from pneumonode.dicom.tls import server_context
+from pneumonode.dicom.wire_limits import (
+    BoundedRequestHandler,
+    WireLimits,
+    check_pynetdicom,
+    slot_holders,
+)
 from pneumonode.settings import Settings
 
 LOGGER = logging.getLogger(__name__)
@@ -31,6 +45,9 @@ VERIFICATION = "1.2.840.10008.1.1"
 
 #: A-ASSOCIATE-RJ: rejected-permanent, by the service user, "calling AE title not recognized".
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+#: A-ASSOCIATE-RJ: rejected-transient, by the service provider (presentation), "local limit
+#: exceeded", as pynetdicom itself answers beyond ``maximum_associations``.
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -156,11 +173,13 @@ class AccessPolicy:
 
 
 def handle_requested(event: Event, policy: AccessPolicy | Callable[[], AccessPolicy]) -> None:
-    """Reject an association request that the access policy refuses, before negotiation.
+    """Reject an association request that the access policy refuses, before negotiation, or
+    that finds every association slot taken.
 
     ``policy`` is the policy, or a function returning the one in force (it may be reloaded).
     The rejection is permanent with the reason "calling AE title not recognized" (PS3.8 9.3.4).
-    A request that cannot be checked is rejected too.
+    A request that cannot be checked is rejected too. Beyond ``node.max_associations`` the
+    rejection is transient, "local limit exceeded", logged with the peers holding the slots.
     """
     assoc = event.assoc
     address = str(assoc.requestor.address)
@@ -176,9 +195,28 @@ def handle_requested(event: Event, policy: AccessPolicy | Callable[[], AccessPol
         LOGGER.exception("cannot check the association request from %s", address)
         refusal = "the association request could not be checked"
     if refusal is None:
+        _reject_over_limit(assoc, address, calling)
         return
     LOGGER.warning("association from %s as %r rejected: %s", address, calling, refusal)
     assoc.acse.send_reject(*REJECT_CALLING_AE)
+    assoc.kill()
+
+
+def _reject_over_limit(assoc: Association, address: str, calling: str) -> None:
+    """Reject ``assoc`` when more acceptors run than ``maximum_associations`` (pynetdicom's own
+    count, itself included), naming the holders; pynetdicom would reject it without a word."""
+    acceptors = [a for a in assoc.ae.active_associations if a.is_acceptor]
+    if len(acceptors) <= assoc.ae.maximum_associations:
+        return
+    LOGGER.warning(
+        "association from %s as %r rejected: local limit exceeded (node.max_associations = %d); "
+        "slots held by: %s",
+        address,
+        calling,
+        assoc.ae.maximum_associations,
+        slot_holders(a for a in acceptors if a is not assoc),
+    )
+    assoc.acse.send_reject(*REJECT_LOCAL_LIMIT)
     assoc.kill()
 
 
@@ -241,32 +279,54 @@ def handle_echo(event: Event) -> int:
 def handle_store(event: Event, intake: Intake, limits: InstanceLimits) -> int | tuple[int, Any]:
     """Answer C-STORE only after the instance is durable (see :class:`Intake`).
 
-    Size and free-disk limits are checked first, on the raw data set (0xA700, nothing written).
-    Anything that goes wrong becomes a failure status so the sender keeps its copy.
+    Size and free-disk limits are checked first, on the raw data set (0xA700, nothing written),
+    and a deflated data set is inflated within the size limit. Anything that goes wrong becomes
+    a failure status so the sender keeps its copy.
     """
     requestor = event.assoc.requestor
     request = event.request
     if not isinstance(request, C_STORE):
         return int(Status.CANNOT_UNDERSTAND)
+    command_uid = str(request.AffectedSOPInstanceUID or "")
+    shown_uid = command_uid if is_valid_uid(command_uid) else "(invalid UID)"
     refusal = limits.refusal(_dataset_size(request.DataSet))
     if refusal is not None:
-        command_uid = str(request.AffectedSOPInstanceUID or "")
         LOGGER.warning(
-            "refused SOP Instance %s from %s: %s",
-            command_uid if is_valid_uid(command_uid) else "(invalid UID)",
-            requestor.ae_title,
-            refusal,
+            "refused SOP Instance %s from %s: %s", shown_uid, requestor.ae_title, refusal
         )
         return int(Status.OUT_OF_RESOURCES)
+    command_class = str(request.AffectedSOPClassUID or "")
+    if command_class != str(event.context.abstract_syntax):
+        LOGGER.warning(
+            "refused SOP Instance %s from %s: the request's SOP Class is not its presentation "
+            "context's", shown_uid, requestor.ae_title,
+        )
+        return int(Status.DATASET_DOES_NOT_MATCH)
     try:
-        header = event.dataset
-        header.file_meta = event.file_meta
-        encoded = event.encoded_dataset(include_meta=True)
-    except Exception:  # a malformed dataset must become a status, not a dropped association
-        LOGGER.exception("cannot decode C-STORE dataset from %s", requestor.ae_title)
+        if not isinstance(request.DataSet, BytesIO):
+            raise UndecodableInstance("the C-STORE request has no data set")
+        with request.DataSet.getbuffer() as view:
+            encoded = spool_file_bytes(view, event.file_meta, limits.max_instance_bytes)
+    except InstanceTooLarge as exc:
+        LOGGER.warning("refused SOP Instance %s from %s: %s", shown_uid, requestor.ae_title, exc)
+        return int(Status.OUT_OF_RESOURCES)
+    except UndecodableInstance as exc:
+        LOGGER.warning("refused SOP Instance %s from %s: %s", shown_uid, requestor.ae_title, exc)
+        return int(Status.CANNOT_UNDERSTAND)
+    except Exception as exc:  # a malformed request becomes a status, not a dropped association
+        LOGGER.warning(
+            "refused SOP Instance %s from %s: cannot encode it (%s)",
+            shown_uid, requestor.ae_title, type(exc).__name__,
+        )
+        LOGGER.debug("encoding error", exc_info=True)
         return int(Status.CANNOT_UNDERSTAND)
     try:
-        result = intake.receive(header, encoded, requestor.ae_title, requestor.address)
+        result = intake.receive(
+            encoded,
+            requestor.ae_title,
+            requestor.address,
+            CommandIdentity(command_class, command_uid),
+        )
     except Exception:  # turn any intake failure into a failure status; the sender retries
         LOGGER.exception("intake failed for an instance from %s", requestor.ae_title)
         return int(Status.PROCESSING_FAILURE)
@@ -287,7 +347,7 @@ def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=node.ae_title)
     ae.maximum_associations = node.max_associations
     ae.maximum_pdu_size = node.max_pdu_length
-    ae.acse_timeout = settings.delivery.acse_timeout_s
+    ae.acse_timeout = node.association_request_timeout_s  # the acceptor's ARTIM
     ae.dimse_timeout = settings.delivery.dimse_timeout_s
     ae.network_timeout = settings.delivery.network_timeout_s
     ae.require_called_aet = True
@@ -304,6 +364,10 @@ class ListenerServer(ThreadedAssociationServer):
 
     * Accepted sockets get the network timeout, so a peer that stops mid-PDU frees its thread
       (and its association slot) instead of blocking a read forever.
+    * Every PDU is read within ``wire_limits`` (:mod:`pneumonode.dicom.wire_limits`): its
+      declared length checked before it is read (64 KiB before the association request is
+      known, ``node.max_pdu_length`` for P-DATA), the association request whole within the ARTIM
+      time of the connection and each PDU whole within ``node.pdu_timeout_s``.
     * The TLS handshake runs in the connection's own thread with that timeout, not in the accept
       loop, so a client that never completes it cannot stop the node accepting others.
     """
@@ -317,10 +381,19 @@ class ListenerServer(ThreadedAssociationServer):
         ssl_context: ssl.SSLContext | None = None,
         evt_handlers: list[Any] | None = None,
         *,
+        wire_limits: WireLimits,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self._tls = tls if tls is not None else ssl_context
-        super().__init__(ae, address, ae_title, contexts, None, evt_handlers=evt_handlers)
+        super().__init__(
+            ae,
+            address,
+            ae_title,
+            contexts,
+            None,
+            evt_handlers=evt_handlers,
+            request_handler=partial(BoundedRequestHandler, limits=wire_limits),
+        )
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection and give it the network timeout."""
@@ -349,10 +422,14 @@ class DicomServer:
     ------
     pneumonode.dicom.tls.TlsError
         When ``[tls] enabled`` and its certificate, key or CA file cannot be used.
+    pneumonode.dicom.wire_limits.UnsupportedPynetdicom
+        When the installed pynetdicom is not the major version the PDU limits hook.
     """
 
     def __init__(self, settings: Settings, intake: Intake) -> None:
+        check_pynetdicom()
         self._settings = settings
+        self._wire_limits = WireLimits.from_settings(settings)
         self._intake = intake
         self._ae = build_ae(settings)
         self._policy = AccessPolicy.from_settings(settings)
@@ -379,6 +456,7 @@ class DicomServer:
             (node.host, node.port),
             evt_handlers=list(handlers),
             server_class=ListenerServer,
+            wire_limits=self._wire_limits,
             tls=self._tls,
         )
         self._ae._servers.append(server)  # as AE.start_server does, so AE.shutdown stops it

@@ -92,8 +92,9 @@ def echo(port: int, calling: str = "HOSTILE") -> int | None:
 # --- hand-made PDUs (PS3.8 9.3)
 
 
-def _ae(title: str) -> bytes:
-    return title.encode("ascii").ljust(16)
+def _ae(title: str | bytes) -> bytes:
+    raw = title if isinstance(title, bytes) else title.encode("ascii")
+    return raw.ljust(16)[:16]
 
 
 def _item(kind: int, body: bytes) -> bytes:
@@ -105,9 +106,12 @@ def pdu(kind: int, body: bytes, length: int | None = None) -> bytes:
     return struct.pack(">BBL", kind, 0, len(body) if length is None else length) + body
 
 
-def associate_rq(calling: str = "HOSTILE", called: str = "PNEUMONODE") -> bytes:
-    """A valid A-ASSOCIATE-RQ proposing Verification in Implicit VR Little Endian."""
-    context = _item(0x20, b"\x01\0\0\0" + _item(0x30, VERIFICATION.encode())
+def associate_rq(
+    calling: str | bytes = "HOSTILE", called: str = "PNEUMONODE", abstract: str = VERIFICATION
+) -> bytes:
+    """A valid A-ASSOCIATE-RQ proposing ``abstract`` (Verification) in Implicit VR Little Endian
+    as presentation context 1; ``calling`` as bytes goes into the field as it is (16 at most)."""
+    context = _item(0x20, b"\x01\0\0\0" + _item(0x30, abstract.encode())
                     + _item(0x40, b"1.2.840.10008.1.2"))
     user = _item(0x50, _item(0x51, struct.pack(">L", 16384))
                  + _item(0x52, b"1.2.826.0.1.3680043.9999.2"))
@@ -120,6 +124,21 @@ def p_data(context_id: int, header: int, data: bytes) -> bytes:
     """A P-DATA-TF with one PDV (``header``: bit 0 command, bit 1 last fragment)."""
     pdv = struct.pack(">LB", len(data) + 2, context_id) + bytes([header]) + data
     return pdu(0x04, pdv)
+
+
+def c_store_command(sop_class: str, sop_instance: bytes, message_id: int = 1) -> bytes:
+    """A C-STORE-RQ command set (Implicit VR Little Endian, data set follows) whose Affected SOP
+    Instance UID is ``sop_instance`` as it is, control characters included."""
+    elements = [
+        (0x0002, sop_class.encode() + b"\0" * (len(sop_class) % 2)),
+        (0x0100, struct.pack("<H", 0x0001)),
+        (0x0110, struct.pack("<H", message_id)),
+        (0x0700, struct.pack("<H", 0)),
+        (0x0800, struct.pack("<H", 0x0000)),
+        (0x1000, sop_instance + b"\0" * (len(sop_instance) % 2)),
+    ]
+    body = b"".join(struct.pack("<HHL", 0, tag, len(v)) + v for tag, v in elements)
+    return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
 
 
 @dataclass(frozen=True)
@@ -162,6 +181,25 @@ def _ends_in_abort(data: bytes | bytearray) -> bool:
         last = data[at]
         at += 6 + struct.unpack(">L", data[at + 2 : at + 6])[0]
     return at == len(data) and last == 0x07
+
+
+def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    """One whole PDU from ``sock``: its type and body; type 0 when the peer closed instead."""
+    header = _read(sock, 6)
+    if len(header) < 6:
+        return 0, b""
+    kind, _, length = struct.unpack(">BBL", header)
+    return kind, _read(sock, length)
+
+
+def _read(sock: socket.socket, count: int) -> bytes:
+    data = bytearray()
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
 
 
 def send_and_close(port: int, data: bytes) -> None:
