@@ -32,7 +32,9 @@ from pneumonode.dicom.instance import (
 from pneumonode.dicom.intake import Intake, Status, is_valid_uid
 from pneumonode.dicom.tls import server_context
 from pneumonode.dicom.wire_limits import (
+    CONNECTIONS_PER_SLOT,
     BoundedRequestHandler,
+    ConnectionGate,
     WireLimits,
     check_pynetdicom,
     slot_holders,
@@ -370,6 +372,8 @@ class ListenerServer(ThreadedAssociationServer):
       time of the connection and each PDU whole within ``node.pdu_timeout_s``.
     * The TLS handshake runs in the connection's own thread with that timeout, not in the accept
       loop, so a client that never completes it cannot stop the node accepting others.
+    * At most ``CONNECTIONS_PER_SLOT`` x ``maximum_associations`` connections are open at once
+      (served, being read, turned away or in a TLS handshake); one more is closed unread.
     """
 
     def __init__(
@@ -385,6 +389,9 @@ class ListenerServer(ThreadedAssociationServer):
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self._tls = tls if tls is not None else ssl_context
+        self._gate = ConnectionGate(CONNECTIONS_PER_SLOT * ae.maximum_associations)
+        self._handshakes = 0
+        self._handshakes_lock = threading.Lock()
         super().__init__(
             ae,
             address,
@@ -401,17 +408,29 @@ class ListenerServer(ThreadedAssociationServer):
         sock.settimeout(self.ae.network_timeout)
         return sock, address
 
+    def verify_request(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> bool:
+        """Serve the connection only while fewer than the connection limit are open."""
+        return self._gate.admit(str(client_address[0]), self.active_associations,
+                                self._handshakes)
+
     def process_request_thread(
         self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
     ) -> None:
         """Complete the TLS handshake (when TLS is on), then serve the association."""
         if self._tls is not None and isinstance(request, socket.socket):
+            with self._handshakes_lock:
+                self._handshakes += 1
             try:
                 request = self._tls.wrap_socket(request, server_side=True)
             except OSError as exc:  # ssl.SSLError, timeouts and resets are all OSError
                 LOGGER.warning("TLS handshake with %s failed: %s", client_address[0], exc)
                 self.shutdown_request(request)
                 return
+            finally:
+                with self._handshakes_lock:
+                    self._handshakes -= 1
         super().process_request_thread(request, client_address)
 
 

@@ -30,8 +30,9 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from queue import Queue
 from socketserver import BaseServer
@@ -71,6 +72,12 @@ ABORT_INVALID_PARAMETER = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x06)
 
 #: Most holders named in one "local limit exceeded" line.
 MAX_HOLDERS_SHOWN = 10
+#: Connections open at once (associations, requests being read or turned away, TLS handshakes)
+#: per association slot; a connection beyond is closed unread. It bounds the threads and the
+#: association-request buffers a flood of connections can make.
+CONNECTIONS_PER_SLOT = 4
+#: Shortest time between two log lines about connections closed unread.
+GATE_LOG_INTERVAL_S = 10.0
 
 
 class UnsupportedPynetdicom(RuntimeError):
@@ -430,6 +437,41 @@ def _wake(assoc: Association) -> Callable[[], None]:
     association slot until that timeout: on Evt17 in Sta2 (AA-5) pynetdicom tells it nothing."""
     queue = cast("Queue[object]", assoc.dul.to_user_queue)
     return lambda: queue.put(None)
+
+
+class ConnectionGate:
+    """Admits a connection while fewer than ``limit`` are open; logs refusals, rate-limited."""
+
+    def __init__(
+        self,
+        limit: int,
+        interval_s: float = GATE_LOG_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.interval_s = interval_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._refused = 0
+        self._logged_at: float | None = None
+
+    def admit(self, address: str, open_now: Sequence[Association], handshakes: int) -> bool:
+        """True to serve a connection from ``address``, given those open and TLS handshakes."""
+        count = len(open_now) + handshakes
+        if count < self.limit:
+            return True
+        with self._lock:
+            self._refused += 1
+            now = self.clock()
+            if self._logged_at is not None and now - self._logged_at < self.interval_s:
+                return False
+            refused, self._refused, self._logged_at = self._refused, 0, now
+        LOGGER.warning(
+            "connection from %s closed unread: %d connections open (%d x node.max_associations); "
+            "%d closed so since the last such line; held by: %s",
+            address, count, CONNECTIONS_PER_SLOT, refused, slot_holders(open_now),
+        )
+        return False
 
 
 def guard_of(assoc: Association) -> PduGuard | None:

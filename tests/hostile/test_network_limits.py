@@ -202,6 +202,25 @@ def test_data_set_beyond_twice_max_instance_mb_aborts_while_receiving(node: Node
     _echo_works(node.port)
 
 
+def test_connections_beyond_four_per_slot_are_closed_unread(node: NodeProcess) -> None:
+    """Every connection costs threads and up to 64 KiB of association request; at most
+    4 x node.max_associations are open at once."""
+    limit = 4 * MAX_ASSOCIATIONS
+    held = [socket.create_connection(("127.0.0.1", node.port), timeout=5) for _ in range(limit)]
+    try:
+        time.sleep(1.0)
+        assert not any(_closed_within(sock, 0.05) for sock in held)
+        with socket.create_connection(("127.0.0.1", node.port), timeout=5) as extra:
+            assert _closed_within(extra, 2.0), "a connection over the limit is closed at once"
+    finally:
+        for sock in held:
+            sock.close()
+    line = next(x for x in node.log.read_text().splitlines() if "closed unread" in x)
+    assert f"{limit} connections open (4 x node.max_associations)" in line, line
+    assert "held by: 127.0.0.1 (AE unknown)" in line, line
+    _echo_works(node.port)
+
+
 def _trickle(port: int, stop: threading.Event, closed: list[float], started: float) -> None:
     data = associate_rq(calling="PROBE")
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
