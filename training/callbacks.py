@@ -496,6 +496,8 @@ class ResumeCheckpoint(keras.callbacks.Callback):  # type: ignore[misc]
         ``name -> (get, set)``: ``get() -> (json values, arrays)``, ``set(values, arrays)``.
     saved : tuple or None
         What :meth:`load` returned, restored when training begins (list this callback last).
+    every : int
+        Save after every ``every``-th epoch (and the last); 1 loses at most one epoch.
     """
 
     MODEL = "model.keras"
@@ -507,11 +509,15 @@ class ResumeCheckpoint(keras.callbacks.Callback):  # type: ignore[misc]
         directory: Path,
         stateful: dict[str, tuple[Any, Any]],
         saved: tuple[dict[str, Any], dict[str, NDArray[Any]]] | None = None,
+        every: int = 1,
     ) -> None:
         super().__init__()
+        if every < 1:
+            raise ValueError(f"checkpoint every must be >= 1 epoch, got {every}")
         self.directory = directory
         self.stateful = stateful
         self.saved = saved
+        self.every = every
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         """Restore the saved state, after the other callbacks have reset theirs."""
@@ -519,7 +525,10 @@ class ResumeCheckpoint(keras.callbacks.Callback):  # type: ignore[misc]
             self.restore(*self.saved)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        """Write the checkpoint of ``epoch``."""
+        """Write the checkpoint of ``epoch`` (every ``every`` epochs and after the last)."""
+        last = epoch + 1 == self.params.get("epochs") if self.params else False
+        if (epoch + 1) % self.every and not last:
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         values: dict[str, Any] = {"epoch": epoch}
         arrays: dict[str, NDArray[Any]] = {}

@@ -171,6 +171,9 @@ class Train(_Strict):
     top_k: int | None = Field(
         default=None, ge=1, description="Also save the average of the k best epochs' weights"
     )
+    checkpoint_every: int = Field(
+        default=1, ge=1, description="Epochs between resume checkpoints (<run>/resume)"
+    )
     jit_compile: bool | Literal["auto"] = Field(
         default="auto", description="XLA compilation (fast on GPUs; slow to compile on CPUs)"
     )

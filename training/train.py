@@ -426,7 +426,9 @@ def train(
         run_state = {"untrained_val_dice": untrained, "resumed_at_epochs": resumed,
                      "encoder_weights": weights_record}
         stateful["run"] = (lambda: (run_state, {}), lambda v, _: None)
-        callbacks.append(ResumeCheckpoint(resume_dir, stateful, saved))
+        callbacks.append(
+            ResumeCheckpoint(resume_dir, stateful, saved, recipe.train.checkpoint_every)
+        )
         model.fit(
             train_data,
             epochs=epochs,
