@@ -20,6 +20,9 @@ at the ``recv(6)`` that starts a PDU it checks the declared length against the l
 PDU, then reads the whole PDU before its deadline, and only then hands pynetdicom the bytes it
 asks for. A PDU that breaks a limit is refused: one warning is logged, an A-ABORT is sent, the
 connection is shut down and pynetdicom is told the transport closed (an empty read, Evt17).
+A first PDU that is not an A-ASSOCIATE-RQ pynetdicom can decode is refused the same way, and
+the association thread waiting for it is woken (pynetdicom would leave it waiting, holding an
+association slot, until its ACSE timeout).
 
 The hook depends on those two pynetdicom internals, so :func:`check_pynetdicom` refuses to start
 the listener with a pynetdicom major version other than the one it was written for.
@@ -40,6 +43,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pynetdicom
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ASSOCIATE_RQ as A_ASSOCIATE_RQ_PDU
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from pneumonode.settings import Settings
@@ -66,8 +70,11 @@ MAX_COMMAND_BYTES = 64 * 1024
 A_ASSOCIATE_RQ, P_DATA_TF = 0x01, 0x04
 PDU_TYPES = frozenset(range(0x01, 0x08))
 
-#: A-ABORT PDU from the service provider: reason 0 (not specified) or 6 (invalid parameter value).
+#: A-ABORT PDUs from the service provider, by reason (PS3.8 9.3.8): not specified,
+#: unrecognized PDU, unexpected PDU, invalid PDU parameter value.
 ABORT_UNSPECIFIED = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x00)
+ABORT_UNRECOGNIZED_PDU = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x01)
+ABORT_UNEXPECTED_PDU = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x02)
 ABORT_INVALID_PARAMETER = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x06)
 
 #: Most holders named in one "local limit exceeded" line.
@@ -249,6 +256,11 @@ class PduGuard:
         header = self._read_exactly(sock, PDU_HEADER_BYTES, deadline, first=first)
         self.between_pdus = False
         pdu_type, _, length = struct.unpack(">BBL", header)
+        if first and pdu_type != A_ASSOCIATE_RQ:
+            raise Refused(
+                f"its first PDU is of type 0x{pdu_type:02X}, not an A-ASSOCIATE-RQ",
+                ABORT_UNEXPECTED_PDU if pdu_type in PDU_TYPES else ABORT_UNRECOGNIZED_PDU,
+            )
         if pdu_type not in PDU_TYPES:
             return header  # pynetdicom reports it (Evt19) and aborts; nothing more is read
         limit, rule = self.limits.pdu_limit(pdu_type, first=first)
@@ -260,6 +272,10 @@ class PduGuard:
         body = self._read_exactly(sock, length, deadline, first=first)
         if first:
             self.calling_ae = _calling_ae(pdu_type, body)
+            problem = _undecodable_request(header + body)
+            if problem is not None:
+                raise Refused(f"undecodable association request ({problem})",
+                              ABORT_INVALID_PARAMETER)
             self.requested = True
         if pdu_type == P_DATA_TF:
             self._count_fragments(body)
@@ -378,6 +394,21 @@ def _calling_ae(pdu_type: int, body: bytearray) -> str | None:
     if pdu_type != A_ASSOCIATE_RQ or len(body) < 36:
         return None
     return bytes(body[20:36]).decode("latin-1").strip()
+
+
+def _undecodable_request(pdu: bytearray) -> str | None:
+    """Why pynetdicom cannot decode this A-ASSOCIATE-RQ, or None.
+
+    Decoded here first because a request pynetdicom fails to decode leaves its association
+    thread waiting for the ACSE timeout (AA-1 in Sta2 tells it nothing), holding a slot; and
+    pynetdicom logs a traceback for it.
+    """
+    try:
+        A_ASSOCIATE_RQ_PDU().decode(bytes(pdu))
+    except Exception as exc:  # anything pynetdicom's decoder raises: the request is refused
+        LOGGER.debug("undecodable association request", exc_info=True)
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _set_timeout(sock: socket.socket, seconds: float) -> None:

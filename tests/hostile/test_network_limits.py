@@ -202,6 +202,24 @@ def test_data_set_beyond_twice_max_instance_mb_aborts_while_receiving(node: Node
     _echo_works(node.port)
 
 
+def test_malformed_requests_free_their_slots_at_once(node: NodeProcess) -> None:
+    """A first PDU that is not a decodable A-ASSOCIATE-RQ left pynetdicom's association thread
+    waiting for the ACSE timeout, holding a slot; now the slot is free when the peer is."""
+    _echo_works(node.port)
+    garbage = [pdu(0x01, b"\xff" * 300), pdu(0x04, b"\0" * 20), b"GET / HTTP/1.1\r\n\r\n"]
+    for n in range(2 * MAX_ASSOCIATIONS):
+        with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
+            sock.sendall(garbage[n % len(garbage)])
+            assert _closed_within(sock, 5.0)
+    started = time.monotonic()
+    wait_for(lambda: echo(node.port, calling="VALID") == 0, 2.0, "a C-ECHO at once", step=0.2)
+    assert time.monotonic() - started < 2.0
+    log = node.log.read_text()
+    assert "undecodable association request" in log
+    assert "its first PDU is of type 0x04, not an A-ASSOCIATE-RQ" in log
+    assert "its first PDU is of type 0x47, not an A-ASSOCIATE-RQ" in log
+
+
 def test_connections_beyond_four_per_slot_are_closed_unread(node: NodeProcess) -> None:
     """Every connection costs threads and up to 64 KiB of association request; at most
     4 x node.max_associations are open at once."""
