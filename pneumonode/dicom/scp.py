@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import shutil
 import socket
 import ssl
@@ -371,7 +372,8 @@ class ListenerServer(ThreadedAssociationServer):
       known, ``node.max_pdu_length`` for P-DATA), the association request whole within the ARTIM
       time of the connection and each PDU whole within ``node.pdu_timeout_s``.
     * The TLS handshake runs in the connection's own thread with that timeout, not in the accept
-      loop, so a client that never completes it cannot stop the node accepting others.
+      loop, so a client that never completes it cannot stop the node accepting others; it must
+      be complete within ``node.association_request_timeout_s`` too (then the ARTIM starts).
     * At most ``CONNECTIONS_PER_SLOT`` x ``maximum_associations`` connections are open at once
       (served, being read, turned away or in a TLS handshake); one more is closed unread.
     """
@@ -389,6 +391,7 @@ class ListenerServer(ThreadedAssociationServer):
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self._tls = tls if tls is not None else ssl_context
+        self._handshake_timeout_s = wire_limits.association_request_timeout_s
         self._gate = ConnectionGate(CONNECTIONS_PER_SLOT * ae.maximum_associations)
         self._handshakes = 0
         self._handshakes_lock = threading.Lock()
@@ -422,15 +425,25 @@ class ListenerServer(ThreadedAssociationServer):
         if self._tls is not None and isinstance(request, socket.socket):
             with self._handshakes_lock:
                 self._handshakes += 1
+            # CPython's TLS handshake takes the socket timeout as a deadline for all of it
+            handshake_s = min(self._handshake_timeout_s, self.ae.network_timeout or math.inf)
+            request.settimeout(handshake_s)
             try:
                 request = self._tls.wrap_socket(request, server_side=True)
             except OSError as exc:  # ssl.SSLError, timeouts and resets are all OSError
-                LOGGER.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                reason = (
+                    f"not complete within {handshake_s:g} s (node.association_request_timeout_s"
+                    " or delivery.network_timeout_s)"
+                    if isinstance(exc, TimeoutError)
+                    else str(exc)
+                )
+                LOGGER.warning("TLS handshake with %s failed: %s", client_address[0], reason)
                 self.shutdown_request(request)
                 return
             finally:
                 with self._handshakes_lock:
                     self._handshakes -= 1
+            request.settimeout(self.ae.network_timeout)
         super().process_request_thread(request, client_address)
 
 
