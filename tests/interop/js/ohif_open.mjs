@@ -1,0 +1,98 @@
+// Open SEG series in OHIF 3.13 (served at BASE) in Debian's headless Chromium, one after another.
+// Usage: node ohif_open.mjs BASE CASES.json
+// CASES.json: [{"name", "study", "series", "label", "screenshot"}]. For each case: open the study
+// with the SEG as the initial series, accept OHIF's "open this Segmentation?" prompt, wait for the
+// segment label in the segmentation panel, take a screenshot. Prints one JSON line per case:
+// {name, pageErrors, consoleErrors, prompted, listed, seconds, error?}.
+import fs from "node:fs";
+import puppeteer from "puppeteer-core";
+
+const [base, casesPath] = process.argv.slice(2);
+const cases = JSON.parse(fs.readFileSync(casesPath, "utf8"));
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const browser = await puppeteer.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  // The flags a closed network and a root account need; SwiftShader gives cornerstone WebGL.
+  args: [
+    "--no-sandbox",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-first-run",
+    "--enable-unsafe-swiftshader",
+    "--use-angle=swiftshader",
+    "--window-size=1400,900",
+  ],
+});
+
+async function clickButton(page, text) {
+  return page.evaluate((wanted) => {
+    const button = [...document.querySelectorAll("button")].find(
+      (element) => element.innerText.trim() === wanted,
+    );
+    if (button) button.click();
+    return Boolean(button);
+  }, text);
+}
+
+async function waitForText(page, text, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (await page.evaluate((t) => document.body.innerText.includes(t), text)) return true;
+    await sleep(250);
+  }
+  return false;
+}
+
+try {
+  for (const item of cases) {
+    const started = Date.now();
+    const result = { name: item.name, pageErrors: [], consoleErrors: [] };
+    const page = await browser.newPage();
+    try {
+      await page.setViewport({ width: 1400, height: 900 });
+      page.on("pageerror", (error) => result.pageErrors.push(String(error?.message ?? error)));
+      page.on("console", (message) => {
+        if (message.type() === "error") result.consoleErrors.push(message.text());
+      });
+      const url =
+        `${base}/viewer?StudyInstanceUIDs=${item.study}&initialSeriesInstanceUID=${item.series}`;
+      await page.goto(url, { waitUntil: "domcontentloaded", timeout: 60000 });
+      result.prompted = await waitForText(page, "Do you want to open this Segmentation?", 60000);
+      await clickButton(page, "Skip all");
+      if (result.prompted) await clickButton(page, "Yes");
+      // The segmentation panel (right side) lists the segments once open; OHIF may open it
+      // itself after loading the SEG, so it is clicked only while it is closed.
+      result.listed = false;
+      const deadline = Date.now() + 60000;
+      while (!result.listed && Date.now() < deadline) {
+        const state = await page.evaluate((label) => {
+          const text = document.body.innerText;
+          return { listed: text.includes(label), open: text.includes("Segmentations") };
+        }, item.label);
+        result.listed = state.listed;
+        if (!state.listed && !state.open) {
+          const panel = await page.$('[data-cy="panelSegmentation-btn"]');
+          if (panel) await panel.click();
+        }
+        if (!state.listed) await sleep(1000);
+      }
+      await clickButton(page, "Skip all");
+      await sleep(1500);
+      result.text = await page.evaluate(() => document.body.innerText);
+      result.failed = result.text.includes("Something went wrong");
+      await page.screenshot({ path: item.screenshot });
+    } catch (error) {
+      result.error = String(error?.stack ?? error);
+    } finally {
+      result.seconds = (Date.now() - started) / 1000;
+      await page.close();
+      console.log(JSON.stringify(result));
+    }
+  }
+} finally {
+  await browser.close();
+}
