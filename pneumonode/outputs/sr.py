@@ -15,11 +15,11 @@ content tree is an "Imaging Measurement Report" (TID 1500) with:
   has no pixel spacing, since no area in mm2 can then be stated); and the model score as
   DCM 122157 "Probability" (UCUM "1"), the image-level score of :class:`Finding`.
 
-The group is TID 1411 (the one that references a whole segment). TID 1410 references a SEG
+The group is TID 1411, the one that references a whole segment. TID 1410 references a SEG
 *frame*, and highdicom then writes Referenced Frame Number and Referenced Segment Number in one
-IMAGE item, which PS3.3 C.18.3.1 forbids (dciodvfy: "Shall not be present when
-ReferencedFrameNumber is present"); the SEG has one frame, so the segment names it fully. This is
-also the group dcmqi and the OHIF measurement tracking read.
+IMAGE content item, where the standard allows the segment number only without a frame number
+(dciodvfy: "Shall not be present when ReferencedFrameNumber is present"); the SEG has one frame,
+so the segment number alone names it fully.
 
 The report is not complete nor verified (Completion Flag PARTIAL, Verification Flag
 UNVERIFIED): a machine wrote it and nobody signed it. Patient and study attributes come from
