@@ -27,10 +27,12 @@ is checked against its VR (PS3.5 6.2):
   hold a control character or a backslash are left empty (Type 2) or dropped (Type 3): a cut or
   edited identifier could match another patient or order, an empty one matches nothing;
 * person names are repaired: control characters removed, at most 3 component groups of at most 5
-  components, each group cut to 64 characters, then the phonetic and ideographic groups left
-  out while the whole is longer than 64 characters (dciodvfy's reading of the limit);
+  components, the phonetic and ideographic groups left out while the whole is longer than 64
+  bytes, then the first group cut to 64 (dciodvfy's reading of the limit);
 * descriptive text (descriptions, equipment names) is repaired: control characters and
   backslashes removed, cut to the VR's length;
+* lengths are counted in bytes as the result encodes the value (its Specific Character Set),
+  since dciodvfy counts so: 64 Kanji are 192 bytes in UTF-8;
 * dates, times, code strings (Patient's Sex, Body Part Examined, ...) and ages that do not match
   their format are left empty (Type 2) or dropped.
 
@@ -51,6 +53,7 @@ from contextlib import contextmanager
 from typing import Final
 
 from pydicom import Dataset
+from pydicom.charset import convert_encodings, encode_string
 from pydicom.dataset import FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
@@ -136,7 +139,7 @@ def source_metadata(source: Dataset) -> Dataset:
             )
         setattr(meta, keyword, value)
     _copy_character_set(source, meta)
-    fixes = _Fixes()
+    fixes = _Fixes(meta.get("SpecificCharacterSet"))
     for keyword, (limit, type2) in _IDENTIFIERS.items():
         _copy_identifier(source, meta, keyword, limit, type2, fixes)
     for keyword, type2 in _PERSON_NAMES.items():
@@ -277,10 +280,35 @@ def _single_text(value: object) -> str:
 
 
 class _Fixes(list[str]):
-    """What was fixed or dropped, one ``"Keyword (rule; action)"`` per attribute, no values."""
+    """What was fixed or dropped, one ``"Keyword (rule; action)"`` per attribute, no values.
+
+    Also knows the character set the results encode text in: dciodvfy holds a value to its VR's
+    maximum length in *bytes* as encoded, so a UTF-8 or ISO 2022 value is measured that way.
+    """
+
+    def __init__(self, charsets: object) -> None:
+        super().__init__()
+        values = _values(charsets)
+        try:
+            self.encodings = convert_encodings(values or None)
+        except LookupError:
+            self.encodings = convert_encodings(None)
 
     def add(self, keyword: str, rule: str, action: str) -> None:
         self.append(f"{keyword} ({rule}; {action})")
+
+    def length(self, text: str) -> int:
+        """Length of ``text`` in bytes as the results encode it."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unencodable characters count as one replacement
+            return len(encode_string(text, self.encodings))
+
+    def cut(self, text: str, limit: int) -> str:
+        """``text`` cut to at most ``limit`` characters and ``limit`` encoded bytes."""
+        text = text[:limit]
+        while text and self.length(text) > limit:
+            text = text[:-1]
+        return text
 
 
 def _copy_character_set(source: Dataset, meta: Dataset) -> None:
@@ -307,8 +335,8 @@ def _copy_identifier(
     problem = None
     if len(values) > 1:
         problem = "holds a backslash (several values)"
-    elif len(text) > limit:
-        problem = f"is longer than {limit} characters"
+    elif fixes.length(text) > limit:
+        problem = f"is longer than {limit} characters (bytes as encoded)"
     elif _CONTROL.search(text) or "\\" in text:
         problem = "holds a control character or a backslash"
     if problem is None:
@@ -326,11 +354,12 @@ def _copy_person_name(
     values = _values(source.get(keyword))
     original = "\\".join(values)
     groups = [
-        "^".join(group.split("^")[:5])[:64]
+        "^".join(group.split("^")[:5])
         for group in _CONTROL.sub("", original.replace("\\", " ")).split("=")[:3]
     ]
-    while len("=".join(groups)) > 64 and len(groups) > 1:
-        groups.pop()  # dciodvfy holds the whole value, not each group, to 64 characters
+    while fixes.length("=".join(groups)) > 64 and len(groups) > 1:
+        groups.pop()  # dciodvfy holds the whole value, not each group, to 64 bytes
+    groups[0] = fixes.cut(groups[0], 64)
     repaired = "=".join(groups)
     if repaired != original:
         fixes.add(keyword, "does not fit the PN VR", "repaired")
@@ -338,8 +367,8 @@ def _copy_person_name(
         setattr(meta, keyword, repaired)
 
 
-def _repair(text: str, limit: int) -> str:
-    return _CONTROL.sub("", text).replace("\\", "/").strip()[:limit].rstrip()
+def _repair(text: str, limit: int, fixes: _Fixes) -> str:
+    return fixes.cut(_CONTROL.sub("", text).replace("\\", "/").strip(), limit).rstrip()
 
 
 def _repaired_text(source: Dataset, keyword: str, limit: int, fixes: _Fixes) -> str:
@@ -347,7 +376,7 @@ def _repaired_text(source: Dataset, keyword: str, limit: int, fixes: _Fixes) -> 
     if not values:
         return ""
     original = "\\".join(values)
-    repaired = _repair(original, limit)
+    repaired = _repair(original, limit, fixes)
     if repaired != original.strip():
         fixes.add(keyword, f"does not fit its VR (at most {limit} characters, no controls)",
                "repaired")  # fmt: skip
@@ -356,7 +385,7 @@ def _repaired_text(source: Dataset, keyword: str, limit: int, fixes: _Fixes) -> 
 
 def _repaired_values(source: Dataset, keyword: str, limit: int, fixes: _Fixes) -> list[str]:
     values = _values(source.get(keyword))
-    repaired = [_repair(v, limit) for v in values[:_MAX_VALUES]]
+    repaired = [_repair(v, limit, fixes) for v in values[:_MAX_VALUES]]
     if repaired != [v.strip() for v in values]:
         fixes.add(keyword, f"does not fit its VR (at most {limit} characters per value)",
                "repaired")  # fmt: skip

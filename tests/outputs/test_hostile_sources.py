@@ -151,6 +151,38 @@ def test_values_that_break_their_vr_are_fixed_or_dropped(
             assert len(str(item.get("StationName", "") or "")) <= 16
 
 
+@pytest.mark.parametrize(
+    ("charsets", "name"),
+    [
+        ("ISO_IR 192", "山田^太郎=やまだ^たろう=YAMADA^TARO" + "あ" * 40),
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎" + "郎" * 30 + "=やまだ^たろう"),
+    ],
+    ids=["utf8", "jis"],
+)
+def test_multibyte_values_are_cut_to_their_encoded_length(
+    charsets: str | list[str],
+    name: str,
+    real_card: ModelCard,
+    make_finding: Callable[..., Finding],
+    assert_dciodvfy_clean: Callable[[Path], str],
+    lenient_pydicom: None,
+    tmp_path: Path,
+) -> None:
+    source = synthetic.make_radiograph(rows=48, columns=48)
+    source.SpecificCharacterSet = charsets
+    source.PatientName = name
+    source.StudyDescription = "胸部" * 40  # 80 characters, 160+ bytes
+    source.InstitutionName = "病院" * 30
+    source = _reread(source, tmp_path)
+    for kind, result in _build_all(source, real_card, make_finding).items():
+        path = tmp_path / f"{kind}.dcm"
+        pydicom.dcmwrite(path, result, enforce_file_format=True)
+        assert_dciodvfy_clean(path)
+        back = pydicom.dcmread(path)
+        assert str(back.PatientName).startswith(name[:4])  # repaired, not emptied
+        assert back.StudyDescription.startswith("胸部")
+
+
 def test_valid_values_are_kept_as_they_are(
     real_card: ModelCard, make_finding: Callable[..., Finding], tmp_path: Path
 ) -> None:
