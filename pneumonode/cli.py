@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -65,9 +66,33 @@ def _configure_logging(level: str) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
 
 
+def _import_keras(verbose: bool) -> None:
+    """Import Keras (and TensorFlow) once, without TensorFlow's start-up noise unless verbose.
+
+    TensorFlow's C++ runtime writes an absl/oneDNN/CPU-feature block straight to file
+    descriptor 2 while it loads (twice, once per library), before any Python logging setting
+    can reach it. Unless ``--verbose``, that descriptor points to /dev/null for the import
+    only; an import error is still raised, and reported, afterwards.
+    """
+    if verbose or "keras" in sys.modules:
+        import keras
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        import keras  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the node in the foreground until SIGTERM/SIGINT."""
     settings = _settings(args)
+    _import_keras(args.verbose)
     from sqlalchemy.exc import SQLAlchemyError
 
     from pneumonode.inference.package import ModelPackageError
@@ -282,6 +307,57 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _since(text: str) -> datetime:
+    """An ISO date or date-time; without a zone it is local time."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise CliError(f"--since: {text!r} is not an ISO date or date-time ({exc})") from exc
+    return moment if moment.tzinfo is not None else moment.astimezone()
+
+
+def cmd_jobs_resend(args: argparse.Namespace) -> int:
+    """Deliver existing results again (same UIDs) to every destination, or one (--to)."""
+    settings = _settings(args)
+    repo = _repository(settings)
+    from pneumonode.queue.repository import QueueError
+    from pneumonode.results import ALL_KINDS
+    from pneumonode.routing import PEER_PREFIX, delivery_targets
+
+    if not (args.jobs or args.state or args.since):
+        raise CliError("name the jobs to resend: job ids or UIDs, --state or --since")
+    known = {d.name for d in settings.destinations}
+    if args.to is not None and args.to not in known and not args.to.startswith(PEER_PREFIX):
+        raise CliError(
+            f"--to {args.to!r} is not a configured destination "
+            f"({', '.join(sorted(known)) or 'none configured'})"
+        )
+    jobs = [_find(repo, key) for key in args.jobs]
+    if args.state or args.since:
+        since = _since(args.since) if args.since else None
+        jobs += repo.list_jobs(state=args.state, limit=args.limit, since=since)
+    failures = 0
+    for job in {j.id: j for j in jobs}.values():
+        made = tuple(k for k in ALL_KINDS if job.result_path(k) is not None)
+        targets = delivery_targets(
+            settings, job.calling_aet, positive=bool(job.finding_present), made=made, only=args.to
+        )
+        if not targets:
+            print(f"job {job.id}: no destination takes its results; nothing resent")
+            failures += 1
+            continue
+        try:
+            after = repo.resend(job.id, targets)
+        except QueueError as exc:
+            print(f"job {job.id}: {exc}")
+            failures += 1
+            continue
+        names = ", ".join(f"{t.destination} ({'+'.join(k.value.upper() for k in t.kinds)})"
+                          for t in targets)
+        print(f"job {after.id}: {job.state} -> {after.state}, resending to {names}")
+    return EXIT_OK if failures == 0 else EXIT_FAILURE
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Migrate the job database to the newest schema (or print the SQL with --sql)."""
     settings = _settings(args)
@@ -423,6 +499,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(settings.model_dump_json(indent=2))
     print(f"database: {settings.database_url}")
     print(f"model: {card.display_name} at {settings.model_path}")
+    print(f"decision threshold: {card.thresholds.top:g} (probability), "
+          f"minimum area {card.thresholds.min_area} px at model resolution")
+    for warning in settings.warnings():
+        print(f"warning: {warning}")
     print("configuration OK")
     return EXIT_OK
 
@@ -433,8 +513,7 @@ def _model_path(args: argparse.Namespace) -> Path:
 
 def cmd_model_info(args: argparse.Namespace) -> int:
     """Print a model package's card."""
-    from pneumonode.inference.card import ModelCard
-    from pneumonode.inference.predictor import describe
+    from pneumonode.inference.card import ModelCard, describe
 
     try:
         card = ModelCard.load(_model_path(args))
@@ -446,6 +525,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 def cmd_model_check(args: argparse.Namespace) -> int:
     """Load a model package and run one prediction on a synthetic image."""
+    _import_keras(args.verbose)
     from pneumonode.inference.package import ModelPackageError
     from pneumonode.inference.predictor import Predictor
 
@@ -463,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pneumonode {__version__}")
     parser.add_argument("--config", type=Path, help="TOML configuration file")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    parser.add_argument(
+        "--verbose", action="store_true", help="debug logs, TensorFlow's start-up logs included"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Callable[[argparse.Namespace], int], helptext: str,
@@ -504,6 +587,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     retry = add("retry", cmd_jobs_retry, "requeue a failed or skipped job", jobs)
     retry.add_argument("job", help="job id or SOP Instance UID")
+    resend = add("resend", cmd_jobs_resend,
+                 "deliver existing results again (same UIDs) to all destinations or one", jobs)
+    resend.add_argument("jobs", nargs="*", help="job ids or SOP Instance UIDs")
+    resend.add_argument("--state", choices=["done", "failed", "delivering"],
+                        help="every job in this state (newest first, up to --limit)")
+    resend.add_argument("--since", help="every job received since this ISO date or date-time")
+    resend.add_argument("--limit", type=int, default=1000, help="most jobs --state/--since pick")
+    resend.add_argument("--to", help="only this destination (default: every one that takes it)")
 
     db = sub.add_parser("db", help="job database schema").add_subparsers(
         dest="db_command", required=True
@@ -533,14 +624,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pneumonode`` console script."""
     args = build_parser().parse_args(argv)
-    _configure_logging(args.log_level)
+    _configure_logging("DEBUG" if args.verbose else args.log_level)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()
     except CliError as exc:
         print(f"pneumonode: error: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (``pneumonode jobs list | head``): not an error; stop quietly
+        # and keep Python from complaining again when it flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     return code
 
 

@@ -52,7 +52,7 @@ class _FileRemover:
 
     def remove_job_files(self, jobs: Sequence[JobView]) -> None:
         for job in jobs:
-            for relative in (job.spool_path, job.seg_path, job.sc_path):
+            for relative in (job.spool_path, job.seg_path, job.sc_path, job.sr_path):
                 if relative is not None:
                     self.remove(relative)
 

@@ -141,10 +141,14 @@ class Sender:
 
     def _attempt(self, delivery: DeliveryView) -> str | None:
         job = self._repo.get_job(delivery.job_id)
-        if job is None or job.seg_path is None or job.sc_path is None:
-            return f"job {delivery.job_id} has no result files"
+        if job is None:
+            return f"job {delivery.job_id} no longer exists"
+        relative = [job.result_path(kind) for kind in delivery.kinds]
+        if None in relative:
+            missing = [k.value for k, r in zip(delivery.kinds, relative, strict=True) if r is None]
+            return f"job {delivery.job_id} has no {', '.join(missing).upper()} result to send"
         data_dir = self._settings.node.data_dir
-        paths = [data_dir / job.seg_path, data_dir / job.sc_path]
+        paths = [data_dir / r for r in relative if r is not None]
         remote = self._remote(delivery)
         with self._lock:
             settings = self._settings

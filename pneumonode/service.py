@@ -146,6 +146,10 @@ class Node:
         )
         self._server = DicomServer(cfg, intake)
         self.address = self._server.start()
+        for warning in cfg.warnings():
+            LOGGER.warning("%s", warning)
+        for line in describe_destinations(cfg):
+            LOGGER.info("%s", line)
         self._listening = True
         for worker in self._workers:
             self._spawn(self._work, worker.run, worker.worker_id)
@@ -353,6 +357,20 @@ class Node:
             self._server = None
         if self._engine is not None:
             self._engine.dispose()
+
+
+def describe_destinations(settings: Settings) -> list[str]:
+    """One line per destination: where it is and what it gets (logged at start and reload)."""
+    lines = []
+    for d in settings.destinations:
+        kinds = [k.value.upper() for k in settings.output.kinds() if k in d.objects]
+        lines.append(
+            f"destination {d.name}: {d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''} "
+            f"gets {'+'.join(kinds)}{', positive findings only' if d.only_positive else ''}"
+        )
+    if settings.delivery.return_to_sender:
+        lines.append("results also go back to the sender when it is a [[peers]] entry")
+    return lines
 
 
 @dataclass

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
+from collections.abc import Mapping, Sequence
+from difflib import get_close_matches
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 from pydantic import (
     AfterValidator,
@@ -19,6 +22,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pneumonode.queue.retry import RetryPolicy
+from pneumonode.results import ALL_KINDS, ResultKind
 
 ENV_PREFIX = "PNEUMONODE_"
 DEFAULT_PORT = 11112
@@ -194,14 +198,52 @@ class TlsSettings(_Section):
         return self
 
 
+class OutputSettings(_Section):
+    """[output]: which result objects the node makes for each image."""
+
+    seg: bool = Field(default=True, description="DICOM Segmentation (BINARY) of the finding")
+    sc: bool = Field(default=True, description="Secondary capture overlay, for any viewer")
+    sr: bool = Field(default=True, description="DICOM SR measurement report (TID 1500)")
+
+    def kinds(self) -> tuple[ResultKind, ...]:
+        """The kinds made, in sending order."""
+        return tuple(k for k in ALL_KINDS if getattr(self, k.value))
+
+    @model_validator(mode="after")
+    def _something(self) -> OutputSettings:
+        if not self.kinds():
+            raise ValueError("at least one of output.seg, output.sc, output.sr must be true")
+        if self.sr and not self.seg:
+            raise ValueError(
+                "output.sr = true needs output.seg = true: the report's finding refers to the "
+                "SEG's segment"
+            )
+        return self
+
+
 class Destination(_Section):
-    """[[destinations]]: a PACS or viewer that receives every result."""
+    """[[destinations]]: a PACS, viewer or worklist that receives results."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     ae_title: AETitle
     host: str = Field(min_length=1)
     port: Port
     tls: bool = Field(default=False, description="Send over TLS, verifying tls.ca_certificates")
+    objects: tuple[ResultKind, ...] = Field(
+        default=ALL_KINDS,
+        min_length=1,
+        description='Result objects it gets, of those [output] makes: "seg", "sc", "sr"',
+    )
+    only_positive: bool = Field(
+        default=False, description="Send only results where pneumothorax was found"
+    )
+
+    @field_validator("objects")
+    @classmethod
+    def _distinct(cls, value: tuple[ResultKind, ...]) -> tuple[ResultKind, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"objects must not repeat a kind, got {[k.value for k in value]}")
+        return value
 
 
 class Peer(_Section):
@@ -248,6 +290,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     retention: RetentionSettings = RetentionSettings()
     tls: TlsSettings = TlsSettings()
+    output: OutputSettings = OutputSettings()
     destinations: list[Destination] = Field(default_factory=list)
     peers: list[Peer] = Field(default_factory=list)
 
@@ -279,6 +322,14 @@ class Settings(BaseSettings):
     def _security(self) -> Settings:
         if self.node.check_peer_host and not self.peers:
             raise ValueError("node.check_peer_host = true needs at least one [[peers]] entry")
+        made = set(self.output.kinds())
+        for destination in self.destinations:
+            if not made & set(destination.objects):
+                raise ValueError(
+                    f"destination {destination.name} takes "
+                    f"{', '.join(k.value for k in destination.objects)}, none of which [output] "
+                    "makes: it would never receive anything"
+                )
         over_tls = [d.name for d in self.destinations if d.tls]
         over_tls += [f"peer {p.ae_title}" for p in self.peers if p.tls]
         if over_tls and self.tls.ca_certificates is None:
@@ -286,6 +337,26 @@ class Settings(BaseSettings):
                 f"tls.ca_certificates is needed to verify TLS destinations: {', '.join(over_tls)}"
             )
         return self
+
+    def warnings(self) -> list[str]:
+        """Choices that are valid but unsafe or surprising, one line each (logged at start)."""
+        found = []
+        node = self.node
+        if not _is_loopback(node.host) and not node.allowed_calling_aets and not (
+            node.check_peer_host
+        ):
+            found.append(
+                f"node.host = {node.host!r} listens beyond this machine and "
+                "node.allowed_calling_aets is empty: any AE title from any host may send "
+                "images; list the senders in node.allowed_calling_aets (and bind them to their "
+                "hosts with [[peers]] and node.check_peer_host), or listen on 127.0.0.1"
+            )
+        if not self.destinations and not self.delivery.return_to_sender:
+            found.append(
+                "no [[destinations]] and delivery.return_to_sender is off: results stay in "
+                f"{node.data_dir / 'results'} and are sent nowhere"
+            )
+        return found
 
     @property
     def database_url(self) -> str:
@@ -314,9 +385,72 @@ class Settings(BaseSettings):
         return None
 
 
+def _is_loopback(host: str) -> bool:
+    """True for an address (or ``localhost``) that only this machine can reach."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def bundled_model_path() -> Path:
     """Folder of the demo model package shipped inside the ``pneumonode`` package."""
     return Path(str(resources.files("pneumonode") / "models" / "demo"))
+
+
+def _section_model(loc: Sequence[int | str]) -> type[BaseModel] | None:
+    """The settings model that holds the key at ``loc`` (list indexes skipped), or None."""
+    model: type[BaseModel] = Settings
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        inner = _model_in(field.annotation) if field is not None else None
+        if inner is None:
+            return None
+        model = inner
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The settings model an annotation holds (``Model`` or ``list[Model]``), or None."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _scalar_types(annotation: Any) -> set[type]:
+    """The plain scalar types (int, float, bool) an annotation allows."""
+    allowed = {annotation, *get_args(annotation)}
+    return {t for t in (bool, int, float) if t in allowed}
+
+
+def _toml_type_errors(data: Mapping[str, Any], model: type[BaseModel], prefix: str) -> list[str]:
+    """Numbers and booleans written as strings in the TOML file (``port = "104"``).
+
+    Pydantic converts such strings silently (it must, for environment variables); in the file
+    they are a mistake that ``config check`` reports.
+    """
+    errors: list[str] = []
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            continue
+        where = f"{prefix}{key}"
+        inner = _model_in(field.annotation)
+        if inner is not None and isinstance(value, Mapping):
+            errors += _toml_type_errors(value, inner, where + ".")
+        elif inner is not None and isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, Mapping):
+                    errors += _toml_type_errors(item, inner, f"{where}.{index}.")
+        elif isinstance(value, str) and _scalar_types(field.annotation):
+            kinds = " or ".join(sorted(t.__name__ for t in _scalar_types(field.annotation)))
+            errors.append(f"{where}: must be a TOML {kinds}, not the string {value!r}")
+    return errors
 
 
 def _format_error(exc: ValidationError, source: str) -> str:
@@ -326,6 +460,11 @@ def _format_error(exc: ValidationError, source: str) -> str:
         value = err.get("input")
         shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden" and err["loc"]:
+            model = _section_model(err["loc"])
+            name = str(err["loc"][-1])
+            close = get_close_matches(name, list(model.model_fields), n=1) if model else []
+            shown = f"; did you mean {close[0]!r}?" if close else ""
         parts.append(f"{key}: {msg}{shown}")
     return f"invalid configuration in {source}: " + "; ".join(parts)
 
@@ -352,6 +491,9 @@ def load_settings(path: Path | None = None) -> Settings:
             raise ConfigError(f"configuration path is a folder, not a file: {path}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
+    type_errors = _toml_type_errors(data, Settings, "")
+    if type_errors:
+        raise ConfigError(f"invalid configuration in {path}: " + "; ".join(type_errors))
     try:
         return Settings(**data)
     except ValidationError as exc:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
 from pydicom.dataset import Dataset
@@ -26,8 +26,8 @@ from pneumonode.inference.predictor import Predictor
 from pneumonode.observer import NodeObserver, NullObserver
 from pneumonode.outputs.overlay import build_overlay
 from pneumonode.outputs.seg import build_segmentation
+from pneumonode.outputs.sr import build_report
 from pneumonode.queue.repository import (
-    DeliveryTarget,
     FindingRecord,
     JobRepository,
     JobView,
@@ -35,35 +35,13 @@ from pneumonode.queue.repository import (
     ResultUIDs,
     StaleTransition,
 )
+from pneumonode.results import ResultKind, result_path
+from pneumonode.routing import delivery_targets
 from pneumonode.settings import Settings
 
 LOGGER = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-
-
-def delivery_targets(settings: Settings, calling_aet: str) -> list[DeliveryTarget]:
-    """Where a job's results go: every configured destination, plus the sender if asked."""
-    targets = [
-        DeliveryTarget(destination=d.name, ae_title=d.ae_title, host=d.host, port=d.port)
-        for d in settings.destinations
-    ]
-    if settings.delivery.return_to_sender:
-        peer = settings.peer(calling_aet)
-        if peer is None:
-            LOGGER.warning(
-                "return_to_sender is on but calling AE %r has no [[peers]] entry", calling_aet
-            )
-        else:
-            targets.append(
-                DeliveryTarget(
-                    destination=f"peer:{peer.ae_title}",
-                    ae_title=peer.ae_title,
-                    host=peer.host,
-                    port=peer.port,
-                )
-            )
-    return targets
 
 
 def _write_durably(path: Path, ds: Dataset) -> None:
@@ -74,6 +52,10 @@ def _write_durably(path: Path, ds: Dataset) -> None:
     fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(path.parent, directory=True)
+
+
+def _relative(paths: dict[ResultKind, PurePosixPath], kind: ResultKind) -> str | None:
+    return str(paths[kind]) if kind in paths else None
 
 
 class InferenceTimeout(RuntimeError):
@@ -233,10 +215,14 @@ class Worker:
         """Claim up to ``batch_size`` jobs, waiting briefly for more when only a few are ready."""
         cfg = self._settings.worker
         jobs = self._repo.claim_jobs(self.worker_id, limit=cfg.batch_size)
+        # held (heartbeated) from the moment they are claimed: a claim left without heartbeat
+        # while waiting for more jobs would expire and be requeued under the worker's feet
+        self._claims.hold(*(j.id for j in jobs))
         if jobs and len(jobs) < cfg.batch_size and cfg.batch_wait_ms > 0:
             time.sleep(cfg.batch_wait_ms / 1000)
-            jobs += self._repo.claim_jobs(self.worker_id, limit=cfg.batch_size - len(jobs))
-        self._claims.hold(*(j.id for j in jobs))
+            more = self._repo.claim_jobs(self.worker_id, limit=cfg.batch_size - len(jobs))
+            self._claims.hold(*(j.id for j in more))
+            jobs += more
         return jobs
 
     def process(self, jobs: Sequence[JobView]) -> None:
@@ -352,6 +338,10 @@ class Worker:
     def _finish(self, p: _Prepared, finding: Finding) -> None:
         job = p.job
         card = self._predictor.card
+        with self._lock:
+            settings = self._settings
+        made = settings.output.kinds()
+        paths: dict[ResultKind, PurePosixPath] = {}
         try:
             uids = self._repo.reserve_result_uids(
                 job.id,
@@ -360,27 +350,42 @@ class Worker:
                     seg_sop_uid=generate_uid(),
                     sc_series_uid=generate_uid(),
                     sc_sop_uid=generate_uid(),
+                    sr_series_uid=generate_uid(),
+                    sr_sop_uid=generate_uid(),
                 ),
             )
-            seg = build_segmentation(
-                p.source,
-                finding,
-                card,
-                series_instance_uid=uids.seg_series_uid,
-                sop_instance_uid=uids.seg_sop_uid,
-            )
-            overlay = build_overlay(
-                p.source,
-                p.image,
-                finding,
-                card,
-                series_instance_uid=uids.sc_series_uid,
-                sop_instance_uid=uids.sc_sop_uid,
-            )
-            rel = Path("results") / f"{job.id:09d}"
-            seg_rel, sc_rel = rel / "seg.dcm", rel / "overlay.dcm"
-            _write_durably(self._data_dir / seg_rel, seg)
-            _write_durably(self._data_dir / sc_rel, overlay)
+            objects: dict[ResultKind, Dataset] = {}
+            seg = None
+            if ResultKind.SEG in made:
+                seg = objects[ResultKind.SEG] = build_segmentation(
+                    p.source,
+                    finding,
+                    card,
+                    series_instance_uid=uids.seg_series_uid,
+                    sop_instance_uid=uids.seg_sop_uid,
+                )
+            if ResultKind.SC in made:
+                objects[ResultKind.SC] = build_overlay(
+                    p.source,
+                    p.image,
+                    finding,
+                    card,
+                    series_instance_uid=uids.sc_series_uid,
+                    sop_instance_uid=uids.sc_sop_uid,
+                )
+            if ResultKind.SR in made:
+                assert seg is not None, "settings: output.sr needs output.seg"
+                objects[ResultKind.SR] = build_report(
+                    p.source,
+                    finding,
+                    card,
+                    seg,
+                    series_instance_uid=uids.sr_series_uid,
+                    sop_instance_uid=uids.sr_sop_uid,
+                )
+            for kind, dataset in objects.items():
+                paths[kind] = result_path(job.id, kind)
+                _write_durably(self._data_dir / paths[kind], dataset)
         except Exception as exc:  # output building or writing failed: retry the job
             LOGGER.exception("job %d: writing results failed", job.id)
             self._fail(job, f"writing results failed: {type(exc).__name__}: {exc}")
@@ -390,12 +395,13 @@ class Worker:
             score=finding.score,
             area_mm2=finding.area_mm2,
             model_uid=card.uid,
-            seg_path=str(seg_rel),
-            sc_path=str(sc_rel),
+            seg_path=_relative(paths, ResultKind.SEG),
+            sc_path=_relative(paths, ResultKind.SC),
+            sr_path=_relative(paths, ResultKind.SR),
         )
-        with self._lock:
-            settings = self._settings
-        targets = delivery_targets(settings, job.calling_aet)
+        targets = delivery_targets(
+            settings, job.calling_aet, positive=finding.present, made=tuple(paths)
+        )
         try:
             self._repo.finish_processing(job.id, self.worker_id, record, targets)
         except (QueueError, SQLAlchemyError) as exc:

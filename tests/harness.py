@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 SIIM_DICOM = REPO.parent / "shared" / "data" / "siim-sample" / "dicom"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+"""Comprehensive 3D SR Storage: the node's TID 1500 measurement report."""
 PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 

@@ -80,8 +80,7 @@ def delivering_job(repo: JobRepository, data_dir: Path, seed: int,
         spool_path=f"spool/{seed}.dcm")).job_id
     [job] = repo.claim_jobs("test:w", limit=1)
     assert job.id == job_id
-    repo.reserve_result_uids(job_id, ResultUIDs(generate_uid(), generate_uid(),
-                                                generate_uid(), generate_uid()))
+    repo.reserve_result_uids(job_id, ResultUIDs(*(generate_uid() for _ in range(6))))
     folder = data_dir / "results" / str(job_id)
     folder.mkdir(parents=True)
     for name in ("seg.dcm", "overlay.dcm"):

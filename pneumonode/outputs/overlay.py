@@ -76,7 +76,8 @@ def banner_lines(finding: Finding, card: ModelCard) -> list[str]:
     Returns
     -------
     list of str
-        The finding, the model, and the not-for-diagnostic-use warning (with DEMO when so).
+        The finding with the decision threshold, the model, and the not-for-diagnostic-use
+        warning (with DEMO when so).
     """
     if finding.present:
         if finding.area_mm2 is not None:
@@ -86,6 +87,7 @@ def banner_lines(finding: Finding, card: ModelCard) -> list[str]:
         headline = f"Pneumothorax suspected, score {finding.score:.2f}, {area}"
     else:
         headline = f"No pneumothorax detected, score {finding.score:.2f}"
+    headline += f" (decision threshold {card.thresholds.top:.2f})"
     warning = f"AI-generated - {NOT_FOR_DIAGNOSTIC_USE}"
     if card.demo:
         warning += " - DEMO MODEL"

@@ -22,6 +22,9 @@ SCRIPT_LOCATION = "pneumonode.queue:migrations"
 INITIAL_REVISION = "0001"
 """The revision equal to the schema that ``create_schema`` made before migrations existed."""
 
+_UNVERSIONED_REVISION = "0002"
+"""The revision of tables that ``create_schema`` makes now (it has the columns of 0002)."""
+
 _MIGRATION_LOCK_KEY = 0x706E6D6D696772
 """PostgreSQL advisory lock key serialising migrations of nodes sharing a database ('pnmmigr')."""
 
@@ -91,7 +94,8 @@ def upgrade(engine: Engine, revision: str = "head") -> UpgradeResult:
     """Migrate the queue database to ``revision`` in one transaction.
 
     A database whose tables were made by :func:`pneumonode.queue.db.create_schema` (no
-    ``alembic_version`` table) is first stamped with :data:`INITIAL_REVISION`, then migrated.
+    ``alembic_version`` table) is first stamped with the revision its columns match
+    (:data:`INITIAL_REVISION` for tables from before the SR existed), then migrated.
     On SQLite the transaction holds the write lock (``BEGIN IMMEDIATE``); on PostgreSQL an
     advisory lock makes nodes that upgrade at the same time wait for each other, and the
     second one finds nothing left to do.
@@ -115,11 +119,13 @@ def upgrade(engine: Engine, revision: str = "head") -> UpgradeResult:
         adopted = before is None and "jobs" in tables
         config = _config(connection=conn)
         if adopted:
+            columns = {c["name"] for c in inspect(conn).get_columns("jobs")}
+            found = _UNVERSIONED_REVISION if "sr_path" in columns else INITIAL_REVISION
             LOGGER.warning(
                 "queue database has tables but no migration history: adopting it as revision %s",
-                INITIAL_REVISION,
+                found,
             )
-            command.stamp(config, INITIAL_REVISION)
+            command.stamp(config, found)
         command.upgrade(config, revision)
         after = MigrationContext.configure(conn).get_current_revision()
     if before != after:

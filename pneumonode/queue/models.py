@@ -41,6 +41,9 @@ WORKER_ID_LENGTH = 255
 DESTINATION_LENGTH = 64
 """Maximum length of a configured destination name."""
 
+OBJECTS_LENGTH = 32
+"""Maximum length of a delivery's routed result kinds, e.g. ``seg,sc,sr``."""
+
 
 class JobState(enum.StrEnum):
     """Where one received instance stands.
@@ -161,6 +164,9 @@ class Job(Base):
     model_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
     seg_path: Mapped[str | None] = mapped_column(String(PATH_LENGTH))
     sc_path: Mapped[str | None] = mapped_column(String(PATH_LENGTH))
+    sr_series_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
+    sr_sop_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
+    sr_path: Mapped[str | None] = mapped_column(String(PATH_LENGTH))
 
     __table_args__ = (
         CheckConstraint("attempts >= 0", name="attempts_not_negative"),
@@ -189,6 +195,7 @@ class Delivery(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    objects: Mapped[str | None] = mapped_column(String(OBJECTS_LENGTH))
 
     __table_args__ = (
         UniqueConstraint("job_id", "destination"),

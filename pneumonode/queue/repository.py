@@ -41,6 +41,7 @@ from pneumonode.queue.models import (
     JobState,
 )
 from pneumonode.queue.retry import RetryPolicy, next_attempt
+from pneumonode.results import LEGACY_KINDS, ResultKind, decode_kinds, encode_kinds
 
 logger = logging.getLogger(__name__)
 
@@ -164,13 +165,15 @@ class ResultUIDs:
     seg_sop_uid: str
     sc_series_uid: str
     sc_sop_uid: str
+    sr_series_uid: str
+    sr_sop_uid: str
 
     def __post_init__(self) -> None:
         values = [getattr(self, f.name) for f in fields(self)]
         for f, value in zip(fields(self), values, strict=True):
             _check_uid(f"ResultUIDs.{f.name}", value, None)
         if len(set(values)) != len(values):
-            raise ValueError(f"ResultUIDs must be four distinct UIDs, got {values}")
+            raise ValueError(f"ResultUIDs must be six distinct UIDs, got {values}")
 
 
 @dataclass(frozen=True)
@@ -181,8 +184,13 @@ class DeliveryTarget:
     ae_title: str
     host: str
     port: int
+    kinds: tuple[ResultKind, ...] = LEGACY_KINDS
 
     def __post_init__(self) -> None:
+        if not self.kinds or len(set(self.kinds)) != len(self.kinds):
+            raise ValueError(
+                f"DeliveryTarget.kinds must name distinct result kinds, got {self.kinds!r}"
+            )
         _check_text("DeliveryTarget.destination", self.destination, DESTINATION_LENGTH, None)
         _check_ae_title("DeliveryTarget.ae_title", self.ae_title, None)
         _check_text("DeliveryTarget.host", self.host, HOST_LENGTH, None)
@@ -200,8 +208,9 @@ class FindingRecord:
     score: float
     area_mm2: float | None
     model_uid: str
-    seg_path: str
-    sc_path: str
+    seg_path: str | None
+    sc_path: str | None
+    sr_path: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.present, bool):
@@ -211,8 +220,10 @@ class FindingRecord:
         if self.area_mm2 is not None and not self.area_mm2 >= 0.0:
             raise ValueError(f"FindingRecord.area_mm2 must be >= 0, got {self.area_mm2!r}")
         _check_uid("FindingRecord.model_uid", self.model_uid, None)
-        _check_relative_path("FindingRecord.seg_path", self.seg_path, None)
-        _check_relative_path("FindingRecord.sc_path", self.sc_path, None)
+        paths = {"seg_path": self.seg_path, "sc_path": self.sc_path, "sr_path": self.sr_path}
+        for name, path in paths.items():
+            if path is not None:
+                _check_relative_path(f"FindingRecord.{name}", path, None)
 
 
 @dataclass(frozen=True)
@@ -246,15 +257,20 @@ class JobView:
     model_uid: str | None
     seg_path: str | None
     sc_path: str | None
+    sr_series_uid: str | None
+    sr_sop_uid: str | None
+    sr_path: str | None
 
     @property
     def result_uids(self) -> ResultUIDs | None:
-        """The reserved result UIDs, or None before they are reserved."""
+        """The reserved result UIDs, or None before they are (all) reserved."""
         if (
             self.seg_series_uid is None
             or self.seg_sop_uid is None
             or self.sc_series_uid is None
             or self.sc_sop_uid is None
+            or self.sr_series_uid is None
+            or self.sr_sop_uid is None
         ):
             return None
         return ResultUIDs(
@@ -262,7 +278,14 @@ class JobView:
             seg_sop_uid=self.seg_sop_uid,
             sc_series_uid=self.sc_series_uid,
             sc_sop_uid=self.sc_sop_uid,
+            sr_series_uid=self.sr_series_uid,
+            sr_sop_uid=self.sr_sop_uid,
         )
+
+    def result_path(self, kind: ResultKind) -> str | None:
+        """Where this job's result of ``kind`` lies (relative to the data folder), if made."""
+        return {ResultKind.SEG: self.seg_path, ResultKind.SC: self.sc_path,
+                ResultKind.SR: self.sr_path}[kind]
 
 
 @dataclass(frozen=True)
@@ -283,6 +306,12 @@ class DeliveryView:
     heartbeat_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    objects: str | None
+
+    @property
+    def kinds(self) -> tuple[ResultKind, ...]:
+        """The result kinds this destination gets."""
+        return decode_kinds(self.objects)
 
 
 @dataclass(frozen=True)
@@ -525,6 +554,20 @@ class JobRepository:
                     updated_at=at,
                 )
             )
+            # the SR came later: a job whose SEG and SC UIDs were fixed before gets SR UIDs now
+            conn.execute(
+                update(_JOBS)
+                .where(
+                    _JOBS.c.id == job_id,
+                    _JOBS.c.sr_series_uid.is_(None),
+                    _JOBS.c.sr_sop_uid.is_(None),
+                )
+                .values(
+                    sr_series_uid=proposed.sr_series_uid,
+                    sr_sop_uid=proposed.sr_sop_uid,
+                    updated_at=at,
+                )
+            )
             job = self._job_view_or_raise(conn, job_id)
             stored = job.result_uids
             if stored is None:
@@ -540,7 +583,8 @@ class JobRepository:
                     job.state,
                     job.state,
                     actor,
-                    f"result UIDs fixed: SEG {stored.seg_sop_uid}, SC {stored.sc_sop_uid}",
+                    f"result UIDs fixed: SEG {stored.seg_sop_uid}, SC {stored.sc_sop_uid}, "
+                    f"SR {stored.sr_sop_uid}",
                 )
         return stored
 
@@ -589,6 +633,7 @@ class JobRepository:
                     "model_uid": finding.model_uid,
                     "seg_path": finding.seg_path,
                     "sc_path": finding.sc_path,
+                    "sr_path": finding.sr_path,
                     "updated_at": at,
                 },
             )
@@ -602,7 +647,7 @@ class JobRepository:
             if targets:
                 detail = f"{outcome}; delivering to {', '.join(names)}"
             else:
-                detail = f"{outcome}; no destinations configured, nothing to deliver"
+                detail = f"{outcome}; no destinations take it, nothing to deliver"
             self._event(conn, job_id, at, JobState.PROCESSING, to, worker_id, detail)
             for target in targets:
                 conn.execute(
@@ -612,6 +657,7 @@ class JobRepository:
                         ae_title=target.ae_title,
                         host=target.host,
                         port=target.port,
+                        objects=encode_kinds(target.kinds),
                         state=DeliveryState.PENDING,
                         attempts=0,
                         next_attempt_at=at,
@@ -626,7 +672,8 @@ class JobRepository:
                     None,
                     DeliveryState.PENDING,
                     worker_id,
-                    f"to {target.ae_title}@{target.host}:{target.port}",
+                    f"{encode_kinds(target.kinds).upper()} to "
+                    f"{target.ae_title}@{target.host}:{target.port}",
                     destination=target.destination,
                 )
         logger.info("job %d: %s (SOP Instance UID %s)", job_id, to, job.sop_instance_uid)
@@ -839,6 +886,7 @@ class JobRepository:
                 transition="succeed",
                 values={
                     "state": DeliveryState.DONE,
+                    "last_error": None,
                     "claimed_by": None,
                     "heartbeat_at": None,
                     "updated_at": at,
@@ -1112,8 +1160,9 @@ class JobRepository:
                 self._event(conn, job_id, at, job.state, JobState.RECEIVED, actor, "operator retry")
             elif job.state is JobState.SKIPPED:
                 raise NotRetryable(
-                    f"job {job_id}: skipped at intake ({job.skip_reason}), no spool file kept "
-                    f"to process again (SOP Instance UID {job.sop_instance_uid})"
+                    f"job {job_id}: skipped at intake ({job.skip_reason}), so no copy was kept; "
+                    "ask the sender to send the image again: a resend of a skipped image is "
+                    f"processed again (SOP Instance UID {job.sop_instance_uid})"
                 )
             else:
                 raise NotRetryable(
@@ -1123,6 +1172,107 @@ class JobRepository:
                 )
             updated = self._job_view_or_raise(conn, job_id)
         logger.info("job %d: operator retry, now %s", job_id, updated.state)
+        return updated
+
+    def resend(
+        self,
+        job_id: int,
+        targets: Sequence[DeliveryTarget],
+        now: datetime | None = None,
+        *,
+        actor: str = "operator",
+    ) -> JobView:
+        """Operator resend: deliver a job's existing results again (same UIDs) to ``targets``.
+
+        A target with a delivery row for this job gets it back ``pending`` (whatever its state,
+        ``done`` included) with its attempts reset and its address and kinds updated; a new
+        target gets a new pending delivery. A ``done`` or ``failed`` job goes back to
+        ``delivering``. Nothing is recomputed.
+
+        Raises
+        ------
+        JobNotFound
+            When there is no such job.
+        NotRetryable
+            When the job has no results yet (not processed, skipped) or is being processed, or
+            ``targets`` is empty or names a destination twice.
+        """
+        at = _utc(now)
+        _check_text("actor", actor, WORKER_ID_LENGTH, None)
+        names = [t.destination for t in targets]
+        if not targets or len(set(names)) != len(names):
+            raise NotRetryable(f"job {job_id}: resend needs distinct destinations, got {names}")
+        with write_transaction(self._engine) as conn:
+            job = self._job_view_or_raise(conn, job_id, lock=True)
+            if job.state not in (JobState.DONE, JobState.FAILED, JobState.DELIVERING) or (
+                job.seg_path is None and job.sc_path is None and job.sr_path is None
+            ):
+                raise NotRetryable(
+                    f"job {job_id}: resend needs results; the job is {job.state} without them "
+                    f"(SOP Instance UID {job.sop_instance_uid}); use jobs retry to process it"
+                )
+            existing = {
+                d.destination: d
+                for d in self._delivery_views(conn, _DELIVERIES.c.job_id == job_id)
+            }
+            busy = [
+                n for n in names if n in existing and existing[n].state is DeliveryState.SENDING
+            ]
+            if busy:
+                raise NotRetryable(
+                    f"job {job_id}: a delivery to {', '.join(busy)} is being sent now; "
+                    "resend once it has ended"
+                )
+            for target in targets:
+                values: dict[str, Any] = {
+                    "ae_title": target.ae_title,
+                    "host": target.host,
+                    "port": target.port,
+                    "objects": encode_kinds(target.kinds),
+                    "state": DeliveryState.PENDING,
+                    "attempts": 0,
+                    "next_attempt_at": at,
+                    "last_error": None,
+                    "claimed_by": None,
+                    "heartbeat_at": None,
+                    "updated_at": at,
+                }
+                before = existing.get(target.destination)
+                if before is None:
+                    conn.execute(
+                        insert(_DELIVERIES).values(job_id=job_id, destination=target.destination,
+                                                   created_at=at, **values)
+                    )
+                else:
+                    conn.execute(
+                        update(_DELIVERIES).where(_DELIVERIES.c.id == before.id).values(**values)
+                    )
+                self._event(
+                    conn,
+                    job_id,
+                    at,
+                    None if before is None else before.state,
+                    DeliveryState.PENDING,
+                    actor,
+                    f"resend {encode_kinds(target.kinds).upper()} to "
+                    f"{target.ae_title}@{target.host}:{target.port}",
+                    destination=target.destination,
+                )
+            if job.state is not JobState.DELIVERING:
+                self._update_job(
+                    conn,
+                    job_id,
+                    expected=job.state,
+                    worker_id=None,
+                    transition="resend",
+                    values={"state": JobState.DELIVERING, "updated_at": at},
+                )
+                self._event(
+                    conn, job_id, at, job.state, JobState.DELIVERING, actor,
+                    f"resend to {', '.join(names)}",
+                )
+            updated = self._job_view_or_raise(conn, job_id)
+        logger.info("job %d: resend to %s", job_id, ", ".join(names))
         return updated
 
     def get_job(self, job_id: int) -> JobView | None:
@@ -1143,8 +1293,10 @@ class JobRepository:
             views = self._delivery_views(conn, _DELIVERIES.c.id == delivery_id)
         return views[0] if views else None
 
-    def list_jobs(self, state: str | None = None, limit: int = 50) -> list[JobView]:
-        """The newest jobs first, optionally only those in one state.
+    def list_jobs(
+        self, state: str | None = None, limit: int = 50, *, since: datetime | None = None
+    ) -> list[JobView]:
+        """The newest jobs first, optionally only those in one state or received since a time.
 
         Raises
         ------
@@ -1152,9 +1304,12 @@ class JobRepository:
             When ``state`` is not a job state or ``limit`` is below 1.
         """
         _check_limit(limit)
-        condition: ColumnElement[bool] | None = None
+        conditions: list[ColumnElement[bool]] = []
         if state is not None:
-            condition = _JOBS.c.state == _job_state(state)
+            conditions.append(_JOBS.c.state == _job_state(state))
+        if since is not None:
+            conditions.append(_JOBS.c.received_at >= _utc(since))
+        condition = and_(*conditions) if conditions else None
         with read_transaction(self._engine) as conn:
             return self._job_views(conn, condition, order=_JOBS.c.id.desc(), limit=limit)
 
@@ -1314,7 +1469,12 @@ class JobRepository:
         with read_transaction(self._engine) as conn:
             for start in range(0, len(wanted), 500):
                 chunk = wanted[start : start + 500]
-                for column in (_JOBS.c.spool_path, _JOBS.c.seg_path, _JOBS.c.sc_path):
+                for column in (
+                    _JOBS.c.spool_path,
+                    _JOBS.c.seg_path,
+                    _JOBS.c.sc_path,
+                    _JOBS.c.sr_path,
+                ):
                     found.update(
                         str(value)
                         for value in conn.execute(select(column).where(column.in_(chunk))).scalars()
@@ -1453,7 +1613,7 @@ class JobRepository:
             detail = reason
         else:
             to = JobState.DONE
-            values = {"state": to}
+            values = {"state": to, "last_error": None}  # an earlier failure is history now
             detail = f"all {len(deliveries)} deliveries done"
         values["updated_at"] = at
         job = self._update_job(

@@ -14,6 +14,7 @@ from hostile.corpus import raw_element, spliced
 from pydicom.filereader import read_dataset
 from sqlalchemy.exc import OperationalError
 
+from pneumonode.dicom.instance import spool_file_bytes
 from pneumonode.dicom.intake import (
     MAX_SEQUENCE_DEPTH,
     Intake,
@@ -23,7 +24,6 @@ from pneumonode.dicom.intake import (
     skip_reason,
     unreadable_element,
 )
-from pneumonode.dicom.instance import spool_file_bytes
 from pneumonode.queue.db import create_schema, make_engine
 from pneumonode.queue.repository import JobRepository
 

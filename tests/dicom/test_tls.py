@@ -189,7 +189,7 @@ def _delivering_job(repo: JobRepository, data_dir: Path, target: DeliveryTarget)
         series_instance_uid=str(source.SeriesInstanceUID), calling_aet="MODALITY",
         peer_host=None, spool_path="spool/source.dcm")).job_id
     [job] = repo.claim_jobs("w", limit=1)
-    repo.reserve_result_uids(job.id, ResultUIDs("1.2.3.1", "1.2.3.2", "1.2.3.3", "1.2.3.4"))
+    repo.reserve_result_uids(job.id, ResultUIDs(*(f"1.2.3.{i}" for i in range(1, 7))))
     results = Path("results") / f"{job_id:09d}"
     for i, name in enumerate(("seg.dcm", "overlay.dcm")):
         synthetic.write(synthetic.make_radiograph(rows=16, columns=16, seed=20 + i),

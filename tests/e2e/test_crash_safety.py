@@ -110,7 +110,7 @@ class Rig:
         assert self.node is not None
         wait_for(lambda: self.states() == {"done": N_IMAGES}, 240,
                  f"{N_IMAGES} jobs done (now {self.states()})", step=0.5)
-        wait_for(lambda: len(self.dest.files()) >= 2 * N_IMAGES, 60, "all results at storescp")
+        wait_for(lambda: len(self.dest.files()) >= 3 * N_IMAGES, 60, "all results at storescp")
         time.sleep(1.0)
         self.node.stop()
         self.dest.stop()
@@ -122,12 +122,12 @@ class Rig:
         jobs = self.repo.list_jobs(limit=10 * N_IMAGES)
         assert {j.sop_instance_uid for j in jobs} == sources
         assert len(jobs) == N_IMAGES, "one job per image, duplicates acknowledged without a job"
-        expected = {u for j in jobs for u in (j.seg_sop_uid, j.sc_sop_uid)}
-        assert None not in expected and len(expected) == 2 * N_IMAGES
+        expected = {u for j in jobs for u in (j.seg_sop_uid, j.sc_sop_uid, j.sr_sop_uid)}
+        assert None not in expected and len(expected) == 3 * N_IMAGES
         received = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
                     for p in self.dest.files()]
         assert sorted(received) == sorted(expected), "results under other UIDs reached the PACS"
-        print(f"\n{N_IMAGES} acknowledged, {len(received) // 2} delivered, "
+        print(f"\n{N_IMAGES} acknowledged, {len(received) // 3} delivered, "
               f"0 duplicates, 0 lost, {self.restarts} kills")
 
 

@@ -14,6 +14,7 @@ from harness import (
     SC_CLASS,
     SEG_CLASS,
     SIIM_DICOM,
+    SR_CLASS,
     NodeProcess,
     StoreSCP,
     dciodvfy_errors,
@@ -44,7 +45,7 @@ def synthetic_files(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 def by_class(files: list[Path]) -> dict[str, list[Path]]:
-    out: dict[str, list[Path]] = {SEG_CLASS: [], SC_CLASS: []}
+    out: dict[str, list[Path]] = {SEG_CLASS: [], SC_CLASS: [], SR_CLASS: []}
     for path in files:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         out.setdefault(str(ds.SOPClassUID), []).append(path)
@@ -67,8 +68,8 @@ def test_storescu_to_node_to_storescp(tmp_path: Path) -> None:
     try:
         sent = storescu(sources, port)
         assert sent.returncode == 0, sent.stdout + sent.stderr
-        wait_for(lambda: len(dest.files()) >= 2 * len(sources), 300,
-                 f"{2 * len(sources)} result objects at storescp")
+        wait_for(lambda: len(dest.files()) >= 3 * len(sources), 300,
+                 f"{3 * len(sources)} result objects (SEG, SC, SR) at storescp")
         jobs = node.jobs()
     finally:
         assert node.stop() == 0, node.tail()
@@ -79,6 +80,7 @@ def test_storescu_to_node_to_storescp(tmp_path: Path) -> None:
     received = by_class(dest.files())
     assert len(received[SEG_CLASS]) == len(sources)
     assert len(received[SC_CLASS]) == len(sources)
+    assert len(received[SR_CLASS]) == len(sources)
 
     referenced = set()
     arrival: dict[str, float] = {}
@@ -100,7 +102,19 @@ def test_storescu_to_node_to_storescp(tmp_path: Path) -> None:
     assert sorted(pydicom.dcmread(p).StudyInstanceUID for p in received[SC_CLASS]) == sorted(
         h.StudyInstanceUID for h in headers.values()
     )
-    for path in received[SEG_CLASS] + received[SC_CLASS]:
+    seg_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                for p in received[SEG_CLASS]}
+    for path in received[SR_CLASS]:
+        report = pydicom.dcmread(path)
+        evidence = {
+            str(instance.ReferencedSOPInstanceUID)
+            for study in report.CurrentRequestedProcedureEvidenceSequence
+            for series in study.ReferencedSeriesSequence
+            for instance in series.ReferencedSOPSequence
+        }
+        assert evidence & set(headers) and evidence & seg_uids, evidence
+        assert report.StudyInstanceUID in {h.StudyInstanceUID for h in headers.values()}
+    for path in received[SEG_CLASS] + received[SC_CLASS] + received[SR_CLASS]:
         errors, text = dciodvfy_errors(path)
         assert errors == [], f"{path.name}:\n{text}"
     for path in received[SC_CLASS]:
@@ -136,7 +150,7 @@ def test_acknowledged_images_survive_sigkill(tmp_path: Path) -> None:
         assert dest.files() == []
         node = NodeProcess(config, tmp_path / "node.log").start()
         try:
-            wait_for(lambda: len(dest.files()) >= 12, 240, "results of the 6 acknowledged images")
+            wait_for(lambda: len(dest.files()) >= 18, 240, "results of the 6 acknowledged images")
             jobs = node.jobs()
         finally:
             node.stop()
@@ -146,6 +160,7 @@ def test_acknowledged_images_survive_sigkill(tmp_path: Path) -> None:
     assert {j["state"] for j in jobs} == {"done"}
     received = by_class(dest.files())
     assert len(received[SEG_CLASS]) == 6 and len(received[SC_CLASS]) == 6
+    assert len(received[SR_CLASS]) == 6
 
 
 def test_destination_down_at_first_gets_everything_later(tmp_path: Path) -> None:
@@ -166,9 +181,9 @@ def test_destination_down_at_first_gets_everything_later(tmp_path: Path) -> None
         wait_for(failed_once, 180, "a failed delivery attempt while the destination is down")
         assert {j["state"] for j in node.jobs()} <= {"processing", "received", "delivering"}
         dest.start()
-        wait_for(lambda: len(dest.files()) >= 6, 120, "results after the destination came up")
+        wait_for(lambda: len(dest.files()) >= 9, 120, "results after the destination came up")
         wait_for(lambda: {j["state"] for j in node.jobs()} == {"done"}, 30, "all jobs done")
-        assert len(dest.files()) == 6
+        assert len(dest.files()) == 9  # SEG, SC and SR of each of the 3 images
     finally:
         node.stop()
         dest.stop()

@@ -17,6 +17,7 @@ from harness import (
     SC_CLASS,
     SEG_CLASS,
     SIIM_DICOM,
+    SR_CLASS,
     NodeProcess,
     free_port,
     make_tiny_package,
@@ -125,13 +126,14 @@ def test_orthanc_round_trip(siim: list[Path],
                     "GET", f"/instances/{instance['ID']}/metadata/SopClassUid").decode())
         return found
 
-    wait_for(lambda: len(classes()) >= 3 * len(siim), 300,
-             "SEG and SC of every image in Orthanc", step=1.0)
+    wait_for(lambda: len(classes()) >= 4 * len(siim), 300,
+             "SEG, SC and SR of every image in Orthanc", step=1.0)
     time.sleep(1.0)
     found = classes()
     assert found.count(SEG_CLASS) == len(siim), found
     assert found.count(SC_CLASS) == 2 * len(siim), found  # the SIIM originals are SC too
+    assert found.count(SR_CLASS) == len(siim), found  # the report, stored and listed
     for study in studies:
         instances = orthanc.rest("GET", f"/studies/{study}/instances")
-        assert len(instances) == 3, f"study {study} holds {len(instances)} instances"
+        assert len(instances) == 4, f"study {study} holds {len(instances)} instances"
     assert {j["state"] for j in node.jobs()} == {"done"}

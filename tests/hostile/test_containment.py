@@ -538,6 +538,23 @@ def test_a_job_whose_worker_keeps_dying_ends_failed_after_the_budget(tmp_path: P
     assert state is JobState.FAILED and "attempt budget spent" in error
 
 
+def test_claims_are_heartbeated_while_the_worker_waits_to_fill_a_batch(tmp_path: Path) -> None:
+    """The flaky SIGTERM test's cause: a claim was not held during the batch wait, so with a
+    wait near worker.stale_after_s it expired and was requeued while the worker had it."""
+    kit = Kit(tmp_path, batch_wait_ms=1500, batch_size=4)
+    job = kit.queue(synthetic.make_radiograph(rows=32, columns=32, seed=55))
+    claimed: list[Any] = []
+    thread = threading.Thread(target=lambda: claimed.extend(kit.worker.claim_batch()))
+    thread.start()
+    started = time.monotonic()
+    while not kit.worker.held_jobs() and time.monotonic() < started + 1.0:
+        time.sleep(0.02)
+    # held within a second, while the worker still waits 1.5 s for more jobs
+    assert kit.worker.held_jobs() == [job] and thread.is_alive()
+    thread.join(10)
+    assert [j.id for j in claimed] == [job]
+
+
 def _node(tmp_path: Path, **worker: Any) -> Any:
     from harness import free_port
 

@@ -160,7 +160,7 @@ def _queued_worker(tmp_path: Path, ds: pydicom.Dataset, **worker: object) -> tup
     repo = _repo(tmp_path)
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
-    result = Intake(data_dir, repo).receive(ds, buffer.getvalue(), "MODALITY", None)
+    result = Intake(data_dir, repo).receive(buffer.getvalue(), "MODALITY", None)
     assert result.outcome == Outcome.QUEUED and result.job_id is not None
     settings = Settings(node={"data_dir": data_dir}, worker={"max_attempts": 1, **worker})
     predictor = FakePredictor()

@@ -33,8 +33,9 @@ def test_banner_lines_state_finding_model_and_warning(
     demo_card: ModelCard, real_card: ModelCard
 ) -> None:
     positive = banner_lines(_finding(True, 1234.4), real_card)
+    threshold = f"(decision threshold {real_card.thresholds.top:.2f})"
     assert positive == [
-        "Pneumothorax suspected, score 0.93, area 1234 mm2",
+        f"Pneumothorax suspected, score 0.93, area 1234 mm2 {threshold}",
         "Model: attention-unet-test 1.2.3",
         "AI-generated - NOT FOR DIAGNOSTIC USE",
     ]

@@ -84,7 +84,7 @@ class Kit:
     @staticmethod
     def uids(n: int, generation: int = 1) -> ResultUIDs:
         base = f"1.2.826.0.1.3680043.10.96.{n}.{generation}"
-        return ResultUIDs(f"{base}.1", f"{base}.2", f"{base}.3", f"{base}.4")
+        return ResultUIDs(*(f"{base}.{i}" for i in range(1, 7)))
 
     @staticmethod
     def finding(n: int) -> FindingRecord:

@@ -119,8 +119,25 @@ def test_an_unversioned_schema_is_adopted_with_its_jobs(fresh: Engine) -> None:
         NewJob("1.2.3.9", CR, "1.2.3", "1.2.3.4", "CR1", None, "spool/x.dcm")
     ).job_id
     result = migrate.upgrade(fresh)
-    assert result.adopted and result.after == migrate.INITIAL_REVISION
+    assert result.adopted and result.after == migrate.head_revision()
     assert JobRepository(fresh).get_job(job) is not None
+
+
+def test_an_unversioned_schema_of_0_1_0_is_adopted_and_gains_the_sr_columns(
+    fresh: Engine,
+) -> None:
+    migrate.upgrade(fresh, migrate.INITIAL_REVISION)
+    with fresh.begin() as conn:  # as pneumonode 0.1.0 made it, before migrations existed
+        conn.execute(text("DROP TABLE alembic_version"))
+        conn.execute(text(
+            "INSERT INTO jobs (sop_instance_uid, sop_class_uid, study_instance_uid, "
+            "series_instance_uid, calling_aet, state, attempts, next_attempt_at, received_at, "
+            "updated_at) VALUES ('1.2.3.9', '1.2.3', '1.2.3', '1.2.3.4', 'CR1', 'done', 1, "
+            "'2026-01-01 00:00:00', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"))
+    result = migrate.upgrade(fresh)
+    assert (result.adopted, result.after) == (True, migrate.head_revision())
+    job = JobRepository(fresh).find_job("1.2.3.9")
+    assert job is not None and job.sr_path is None and job.result_uids is None
 
 
 def test_nodes_upgrading_at_once_do_it_once(fresh: Engine) -> None:
@@ -148,6 +165,8 @@ def test_offline_sql_for_a_dba() -> None:
     sql = migrate.upgrade_sql("postgresql+psycopg://u@db.example/pneumonode")
     assert "CREATE TABLE jobs" in sql and "CREATE TABLE job_events" in sql
     assert "INSERT INTO alembic_version (version_num) VALUES ('0001')" in sql
+    assert "ALTER TABLE jobs ADD COLUMN sr_sop_uid" in sql
+    assert f"UPDATE alembic_version SET version_num='{migrate.head_revision()}'" in sql
 
 
 def test_migration_scripts_ship_with_the_package() -> None:
@@ -171,9 +190,10 @@ def test_db_commands(tmp_path: Path) -> None:
     before = _cli(url, "current")
     assert before.returncode == 1 and "current: (empty, never migrated)" in before.stdout
     done = _cli(url, "upgrade")
-    assert done.returncode == 0 and "upgraded from (empty) to 0001" in done.stdout
+    head = migrate.head_revision()
+    assert done.returncode == 0 and f"upgraded from (empty) to {head}" in done.stdout
     after = _cli(url, "current")
-    assert after.returncode == 0 and "current: 0001" in after.stdout
-    assert "already at revision 0001" in _cli(url, "upgrade").stdout
+    assert after.returncode == 0 and f"current: {head}" in after.stdout
+    assert f"already at revision {head}" in _cli(url, "upgrade").stdout
     printed = _cli(url, "upgrade", "--sql")
     assert printed.returncode == 0 and "CREATE TABLE jobs" in printed.stdout

@@ -140,7 +140,7 @@ def test_new_job_refuses_invalid_fields(field: str, value: str | None, message: 
 
 def test_result_records_validate_their_fields() -> None:
     with pytest.raises(ValueError, match="distinct"):
-        ResultUIDs("1.2.1", "1.2.1", "1.2.3", "1.2.4")
+        ResultUIDs("1.2.1", "1.2.1", "1.2.3", "1.2.4", "1.2.5", "1.2.6")
     with pytest.raises(ValueError, match="port"):
         DeliveryTarget("pacs", "PACS", "127.0.0.1", 70000)
     with pytest.raises(ValueError, match="score"):
@@ -592,7 +592,7 @@ def test_retry_of_a_job_skipped_during_processing_reprocesses_it(kit) -> None:
 def test_retry_of_a_job_skipped_at_intake_is_refused(kit) -> None:
     new = kit.new_job(1, skip_reason="multi-frame", spool=False)
     job_id = kit.repo.enqueue(new, now=T0).job_id
-    with pytest.raises(NotRetryable, match="no spool file"):
+    with pytest.raises(NotRetryable, match="no copy was kept; ask the sender"):
         kit.repo.retry(job_id)
 
 

@@ -51,7 +51,7 @@ class Site:
         self.repo.claim_jobs("w", now=T0)
         base = f"1.2.826.0.1.3680043.10.96.{n}"
         self.repo.reserve_result_uids(
-            job_id, ResultUIDs(f"{base}.1", f"{base}.2", f"{base}.3", f"{base}.4"), now=T0)
+            job_id, ResultUIDs(*(f"{base}.{i}" for i in range(1, 7))), now=T0)
         seg = self.file(f"results/{job_id:09d}/seg.dcm")
         sc = self.file(f"results/{job_id:09d}/overlay.dcm")
         finding = FindingRecord(present=False, score=0.1, area_mm2=None, model_uid="2.25.1",

@@ -59,7 +59,7 @@ def test_a_queued_delivery_goes_to_the_reloaded_address(tmp_path: Path) -> None:
     job_id = repo.enqueue(NewJob("1.2.3.7", DX, "1.2.3", "1.2.3.4", "CR1", None,
                                  "spool/x.dcm"), now=T0).job_id
     repo.claim_jobs("w", now=T0)
-    repo.reserve_result_uids(job_id, ResultUIDs("1.2.9.1", "1.2.9.2", "1.2.9.3", "1.2.9.4"))
+    repo.reserve_result_uids(job_id, ResultUIDs(*(f"1.2.9.{i}" for i in range(1, 7))))
     dead = free_port()  # where the destination was when the job was processed
     repo.finish_processing(
         job_id, "w",

@@ -16,6 +16,7 @@ from harness import REPO, NodeProcess, free_port, require, wait_for
 from service.nodekit import UniqueStoreSCP, service_config
 from sqlalchemy import func, select
 
+from pneumonode.queue import migrate
 from pneumonode.queue.db import make_engine
 from pneumonode.queue.models import JobEvent
 from pneumonode.queue.repository import JobRepository
@@ -26,6 +27,7 @@ IMAGES = 300
 NODES = 3
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
 def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -40,7 +42,7 @@ def test_three_nodes_process_300_images_exactly_once(
 ) -> None:
     upgraded = _cli(pg_database, "db", "upgrade")
     assert upgraded.returncode == 0, upgraded.stderr
-    assert "upgraded from (empty) to 0001" in upgraded.stdout
+    assert f"upgraded from (empty) to {migrate.head_revision()}" in upgraded.stdout
     images = tmp_path / "images"
     images.mkdir()
     sent: list[Path] = [
@@ -84,7 +86,7 @@ def test_three_nodes_process_300_images_exactly_once(
             assert proc.returncode == 0, output
         wait_for(lambda: repo.counts_by_state()["done"] == IMAGES, 150,
                  f"{IMAGES} jobs done", step=1.0)
-        wait_for(lambda: len(dest.files()) >= 2 * IMAGES, 30, "every result at storescp")
+        wait_for(lambda: len(dest.files()) >= 3 * IMAGES, 30, "every result at storescp")
     finally:
         codes = [node.stop() for node in nodes]
         dest.stop()
@@ -109,17 +111,17 @@ def test_three_nodes_process_300_images_exactly_once(
     processed_by = Counter(actor.rsplit(":", 1)[0] for _, _, actor in claims)
     assert len(processed_by) >= 2, processed_by  # the work was shared, not done by one node
 
-    # Every image has one result pair, under the UIDs fixed on its job: 600 distinct UIDs.
+    # Every image has one SEG, SC and SR, under the UIDs fixed on its job: 900 distinct UIDs.
     headers = {}
     copies: Counter[str] = Counter()
     for path in dest.files():
         header = pydicom.dcmread(path, stop_before_pixels=True)
         headers[str(header.SOPInstanceUID)] = header
         copies[str(header.SOPInstanceUID)] += 1
-    recorded = {uid for j in jobs for uid in (j.seg_sop_uid, j.sc_sop_uid)}
-    assert set(headers) == recorded and len(recorded) == 2 * IMAGES
+    recorded = {uid for j in jobs for uid in (j.seg_sop_uid, j.sc_sop_uid, j.sr_sop_uid)}
+    assert set(headers) == recorded and len(recorded) == 3 * IMAGES
     classes = Counter(str(h.SOPClassUID) for h in headers.values())
-    assert classes == {SEG_CLASS: IMAGES, SC_CLASS: IMAGES}, classes
+    assert classes == {SEG_CLASS: IMAGES, SC_CLASS: IMAGES, SR_CLASS: IMAGES}, classes
     sources = {
         str(h.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID)
         for h in headers.values() if str(h.SOPClassUID) == SEG_CLASS
