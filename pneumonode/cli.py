@@ -95,6 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _import_keras(args.verbose)
     from sqlalchemy.exc import SQLAlchemyError
 
+    from pneumonode.dicom.wire_limits import UnsupportedPynetdicom
     from pneumonode.inference.package import ModelPackageError
     from pneumonode.queue.migrate import SchemaError
     from pneumonode.service import serve
@@ -110,6 +111,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(str(exc), EXIT_DATABASE) from exc
     except SQLAlchemyError as exc:
         raise CliError(_database_error(settings, exc), EXIT_DATABASE) from exc
+    except UnsupportedPynetdicom as exc:
+        raise CliError(f"cannot start the listener: {exc}") from exc
     except OSError as exc:
         node = settings.node
         if exc.errno == errno.EADDRINUSE:
