@@ -69,7 +69,7 @@ class NodeSettings(_Section):
         description="Calling AE must be a [[peers]] entry and connect from that peer's host",
     )
     max_instance_mb: int = Field(
-        default=512, ge=1, description="Larger C-STORE datasets are refused (out of resources)"
+        default=128, ge=1, description="Larger C-STORE datasets are refused (out of resources)"
     )
     min_free_disk_mb: int = Field(
         default=1024,
