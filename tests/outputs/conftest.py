@@ -60,7 +60,8 @@ def assert_dciodvfy_clean(dciodvfy: Path) -> Callable[[Path], str]:
 
     def check(path: Path) -> str:
         out = subprocess.run(
-            [str(dciodvfy), str(path)], capture_output=True, text=True, timeout=120, check=False
+            [str(dciodvfy), str(path)], capture_output=True, text=True, errors="replace",
+            timeout=120, check=False,
         )
         text = out.stdout + out.stderr
         errors = [line for line in text.splitlines() if "Error" in line]

@@ -9,6 +9,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import numpy as np
 import pydicom
 import pytest
 import synthetic
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.config import settings as pydicom_settings
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -57,6 +60,12 @@ HOSTILE_VALUES: dict[str, str] = {
 @pytest.fixture
 def lenient_pydicom() -> Iterator[None]:
     """Let pydicom write and read values that break their VR (the point of these tests)."""
+    with _lenient():
+        yield
+
+
+@contextmanager
+def _lenient() -> Iterator[None]:
     reading = pydicom_settings.reading_validation_mode
     writing = pydicom_settings.writing_validation_mode
     pydicom_settings.reading_validation_mode = pydicom.config.IGNORE
@@ -306,3 +315,50 @@ def test_a_wide_one_row_source_gives_a_bounded_overlay(
     )  # fmt: skip
     assert 1 <= sc.Rows <= 65535 and sc.Columns <= 65535
     assert sc.Rows * sc.Columns <= 65535 * 512  # the banner stays a banner
+
+
+_TEXT_KEYWORDS = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "AccessionNumber", "StudyID",
+    "ReferringPhysicianName", "StudyDescription", "Manufacturer", "InstitutionName",
+    "StationName",
+)  # fmt: skip
+_ASCII_KEYWORDS = ("BodyPartExamined", "PatientSex", "PatientAge", "StudyDate", "StudyTime")
+
+
+def _source_values(charset: str, top: int) -> st.SearchStrategy[tuple[str, dict[str, str]]]:
+    """Any values the source's character set can hold (ASCII for dates, times and codes)."""
+    text = st.text(st.characters(max_codepoint=top, exclude_categories=("Cs",)), max_size=90)
+    ascii_text = st.text(st.characters(max_codepoint=127), max_size=40)
+    values = st.fixed_dictionaries(
+        {**{k: text for k in _TEXT_KEYWORDS}, **{k: ascii_text for k in _ASCII_KEYWORDS}}
+    )
+    return st.tuples(st.just(charset), values)
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=8, deadline=None, database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)  # fmt: skip
+@given(
+    case=st.one_of(_source_values("ISO_IR 100", 0xFF), _source_values("ISO_IR 192", 0x9FFF))
+)
+def test_any_text_values_give_results_that_pass_dciodvfy(
+    case: tuple[str, dict[str, str]],
+    real_card: ModelCard,
+    make_finding: Callable[..., Finding],
+    assert_dciodvfy_clean: Callable[[Path], str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    charset, values = case
+    folder = tmp_path_factory.mktemp("fuzz")
+    with _lenient():
+        source = synthetic.make_radiograph(rows=32, columns=32)
+        source.SpecificCharacterSet = charset
+        for keyword, value in values.items():
+            setattr(source, keyword, value)
+        source = _reread(source, folder)
+        for kind, result in _build_all(source, real_card, make_finding).items():
+            path = folder / f"{kind}.dcm"
+            pydicom.dcmwrite(path, result, enforce_file_format=True)
+            assert_dciodvfy_clean(path)
