@@ -92,3 +92,21 @@ def test_bench_data_reports_images_per_core_and_workers(
     row = json.loads(lines[-1])
     assert row["images_per_s_per_core"] == pytest.approx(4 * 8 / row["seconds"])
     assert row["workers_needed"] == int(np.ceil(1000 / row["images_per_s_per_core"]))
+
+
+@pytest.mark.slow
+def test_loader_runs_in_worker_processes(prepared: Path) -> None:
+    import keras
+
+    store = PreparedData.open(prepared)
+    ids = store.ids("train")
+    data = SegmentationData(
+        store, ids, batch_size=4, workers=2, use_multiprocessing=True, max_queue_size=4
+    )
+    inputs = keras.Input((32, 32, 1))
+    model = keras.Model(inputs, keras.layers.Conv2D(1, 1, name="c")(inputs))
+    out = model.predict(data, verbose=0)
+    assert out.shape == (len(ids), 32, 32, 1)
+    expected = np.stack([store.load_image(i) for i in ids]).astype(np.float32) / 255
+    kernel, bias = model.get_layer("c").get_weights()
+    np.testing.assert_allclose(out[..., 0], expected * kernel[0, 0, 0, 0] + bias[0], atol=1e-5)
