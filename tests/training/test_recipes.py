@@ -80,7 +80,7 @@ def test_siim_winner_recipe_carries_the_winners_settings() -> None:
     assert recipe.train.top_k == 3
     smoke = load_recipe("siim_winner_smoke")
     assert smoke.data.kind == "phantoms" and smoke.cv is not None and smoke.cv.folds == 5
-    assert smoke.upsize is not None and smoke.upsize.input_size == 2 * smoke.model.input_size
+    assert smoke.upsize is not None and smoke.upsize.input_size > smoke.model.input_size
     assert (smoke.loss, smoke.oversampling, smoke.train.top_k) == (
         recipe.loss, recipe.oversampling, 3
     )
