@@ -264,6 +264,9 @@ def test_a_huge_source_sequence_is_not_copied_and_costs_nothing(
     assert path.stat().st_size > 7_000_000
     source = pydicom.dcmread(path)
     len(source.OtherPatientIDsSequence)  # parse it now, not inside the timed part
+    # Warm up (imports, highdicom's code tables) on a clean source, so only the cost of the
+    # hostile one is measured.
+    _build_all(synthetic.make_radiograph(rows=64, columns=64), real_card, make_finding)
     before = _rss_mb()
     _reset_peak_rss()
     started = time.perf_counter()
@@ -274,8 +277,8 @@ def test_a_huge_source_sequence_is_not_copied_and_costs_nothing(
         assert "OtherPatientIDsSequence" not in result, name
         assert "OperatorsName" not in result, name
         assert not [e for e in result if e.tag.is_private], name
-    assert elapsed < 10.0, f"building SEG, SC and SR took {elapsed:.1f} s"
-    assert growth < 150, f"building SEG, SC and SR grew the process by {growth:.0f} MB"
+    assert elapsed < 5.0, f"building SEG, SC and SR took {elapsed:.1f} s"
+    assert growth < 50, f"building SEG, SC and SR grew the process by {growth:.0f} MB"
 
 
 def test_a_one_column_65535_row_source_gives_a_bounded_overlay(
