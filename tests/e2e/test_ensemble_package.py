@@ -50,7 +50,7 @@ def test_three_snapshot_package_end_to_end(tmp_path: Path) -> None:
     try:
         sent = storescu(files, port)
         assert sent.returncode == 0, sent.stdout + sent.stderr
-        wait_for(lambda: len(dest.files()) >= 6, 180, "6 results at storescp")
+        wait_for(lambda: len(dest.files()) >= 9, 180, "9 results (SEG, SC, SR) at storescp")
         jobs = node.jobs()
     finally:
         node.stop()

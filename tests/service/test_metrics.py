@@ -24,7 +24,8 @@ from pneumonode.http import HttpEndpoint
 from pneumonode.metrics import NodeMetrics
 from pneumonode.queue.db import make_engine
 from pneumonode.queue.migrate import SchemaError, upgrade
-from pneumonode.queue.repository import JobRepository, NewJob
+from pneumonode.queue.records import NewJob
+from pneumonode.queue.repository import JobRepository
 from pneumonode.service import Node
 from pneumonode.settings import load_settings
 
@@ -64,7 +65,7 @@ def test_a_running_node_reports_metrics_health_and_status(
     try:
         assert storescu([*chest, knee], node.port).returncode == 0
         assert storescu(chest[:1], node.port).returncode == 0  # the same instance again
-        wait_for(lambda: len(dest.files()) == 6, 60, "3 result pairs at storescp")
+        wait_for(lambda: len(dest.files()) == 9, 60, "3 results (SEG, SC, SR) at storescp")
         wait_for(lambda: metric_value(_scrape(metrics_port), "pneumonode_jobs",
                                       'state="done"') == 3, 20, "3 jobs done")
         scraped = _scrape(metrics_port)
