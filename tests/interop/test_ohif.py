@@ -60,6 +60,7 @@ def test_ohif_opens_positive_and_empty_segs_over_their_radiographs(
         assert result["pageErrors"] == [], seen
         assert not any("PixelMeasures" in e or "SpacingBetweenSlices" in e
                        for e in result["consoleErrors"]), seen  # fmt: skip
+        assert result["failedRequests"] == [], seen  # every DICOMweb request answered
         assert result["prompted"] and result["listed"] and not result["failed"], seen
     positive = folder / "ohif-seg-positive.png"
     assert _red_pixels(positive) > 2000  # the segment is drawn over the radiograph

@@ -3,7 +3,7 @@
 // CASES.json: [{"name", "study", "series", "label", "screenshot"}]. For each case: open the study
 // with the SEG as the initial series, accept OHIF's "open this Segmentation?" prompt, wait for the
 // segment label in the segmentation panel, take a screenshot. Prints one JSON line per case:
-// {name, pageErrors, consoleErrors, prompted, listed, seconds, error?}.
+// {name, pageErrors, consoleErrors, failedRequests, prompted, listed, failed, seconds, error?}.
 import fs from "node:fs";
 import puppeteer from "puppeteer-core";
 
@@ -57,6 +57,15 @@ try {
       page.on("pageerror", (error) => result.pageErrors.push(String(error?.message ?? error)));
       page.on("console", (message) => {
         if (message.type() === "error") result.consoleErrors.push(message.text());
+      });
+      result.failedRequests = [];
+      page.on("response", (response) => {
+        if (response.status() >= 400) {
+          result.failedRequests.push(`${response.status()} ${response.url().replace(base, "")}`);
+        }
+      });
+      page.on("requestfailed", (request) => {
+        result.failedRequests.push(`failed ${request.url().replace(base, "")}`);
       });
       const url =
         `${base}/viewer?StudyInstanceUIDs=${item.study}&initialSeriesInstanceUID=${item.series}`;
