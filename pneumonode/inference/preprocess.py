@@ -73,14 +73,19 @@ def normalise(
     Returns
     -------
     numpy.ndarray
-        float32 with a trailing channel axis.
+        float32 with a trailing channel axis; with mean 0, std 1 and one channel (what models
+        from ``training`` take) a view of ``images``, without a copy.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if std <= 0:
         raise ValueError(f"std must be > 0, got {std}")
-    scaled = (images - np.float32(mean)) / np.float32(std)
-    return np.repeat(scaled[..., np.newaxis], channels, axis=-1).astype(np.float32)
+    scaled = np.asarray(images, dtype=np.float32)
+    if mean != 0.0 or std != 1.0:
+        scaled = (scaled - np.float32(mean)) / np.float32(std)
+    if channels == 1:
+        return scaled[..., np.newaxis]
+    return np.repeat(scaled[..., np.newaxis], channels, axis=-1)
 
 
 def model_input(image: npt.NDArray[np.float32], spec: InputSpec) -> npt.NDArray[np.float32]:
