@@ -27,9 +27,9 @@ from pneumonode.observer import NodeObserver, NullObserver
 from pneumonode.outputs.overlay import build_overlay
 from pneumonode.outputs.seg import build_segmentation
 from pneumonode.outputs.sr import build_report
-from pneumonode.queue.repository import (
+from pneumonode.queue.jobs import JobTransitions
+from pneumonode.queue.records import (
     FindingRecord,
-    JobRepository,
     JobView,
     QueueError,
     ResultUIDs,
@@ -48,9 +48,13 @@ def _write_durably(path: Path, ds: Dataset) -> None:
     """Write a DICOM file via a temporary name, fsync, rename: never a half-written result."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".part")
-    ds.save_as(tmp, enforce_file_format=True)
-    fsync_path(tmp)
-    os.replace(tmp, path)
+    try:
+        ds.save_as(tmp, enforce_file_format=True)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written file is left behind
+        raise
     fsync_path(path.parent, directory=True)
 
 
@@ -129,7 +133,7 @@ class Worker:
     def __init__(
         self,
         settings: Settings,
-        repository: JobRepository,
+        repository: JobTransitions,
         predictor: Predictor,
         worker_id: str,
         wake: threading.Event,

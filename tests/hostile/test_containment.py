@@ -446,6 +446,23 @@ def test_a_spool_file_the_worker_cannot_read_fails_its_job_and_not_the_worker(
     assert kit.state(good)[0] in (JobState.DELIVERING, JobState.DONE)
 
 
+def test_a_result_that_cannot_be_written_fails_its_job_and_leaves_no_part_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kit = Kit(tmp_path, max_attempts=1)
+    job = kit.queue(synthetic.make_radiograph(rows=32, columns=32, seed=24))
+
+    def disk_full(self: Dataset, filename: Any, **kwargs: Any) -> None:
+        Path(filename).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Dataset, "save_as", disk_full)
+    kit.run_once()
+    state, error = kit.state(job)
+    assert state is JobState.FAILED and "No space left on device" in error
+    assert list((kit.data_dir / "results").rglob("*.part")) == []
+
+
 def test_the_worker_loop_survives_an_error_no_stage_contained(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
