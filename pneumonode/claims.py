@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from pneumonode.queue.repository import StaleTransition
+from pneumonode.queue.records import StaleTransition
 
 LOGGER = logging.getLogger(__name__)
 

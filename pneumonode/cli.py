@@ -215,8 +215,8 @@ def _engine(settings: Settings) -> Any:
 def _repository(settings: Settings) -> Any:
     from sqlalchemy.exc import SQLAlchemyError
 
+    from pneumonode.queue.admin import QueueAdmin
     from pneumonode.queue.migrate import SchemaError, prepare_schema
-    from pneumonode.queue.repository import JobRepository
 
     engine = _engine(settings)
     try:
@@ -225,7 +225,7 @@ def _repository(settings: Settings) -> Any:
         raise CliError(str(exc), EXIT_DATABASE) from exc
     except SQLAlchemyError as exc:
         raise CliError(_database_error(settings, exc), EXIT_DATABASE) from exc
-    return JobRepository(engine)
+    return QueueAdmin(engine)
 
 
 def _fmt(value: object) -> str:
@@ -300,7 +300,7 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
     """Put a failed or skipped job (or its failed deliveries) back in the queue."""
     repo = _repository(_settings(args))
     job = _find(repo, args.job)
-    from pneumonode.queue.repository import QueueError
+    from pneumonode.queue.records import QueueError
 
     try:
         after = repo.retry(job.id)
@@ -323,7 +323,7 @@ def cmd_jobs_resend(args: argparse.Namespace) -> int:
     """Deliver existing results again (same UIDs) to every destination, or one (--to)."""
     settings = _settings(args)
     repo = _repository(settings)
-    from pneumonode.queue.repository import QueueError
+    from pneumonode.queue.records import QueueError
     from pneumonode.results import ALL_KINDS
     from pneumonode.routing import PEER_PREFIX, delivery_targets
 
@@ -447,9 +447,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         report["health"] = None
     engine = _engine(settings)
     try:
-        from pneumonode.queue.repository import JobRepository
+        from pneumonode.queue.reads import QueueReads
 
-        repo = JobRepository(engine)
+        repo = QueueReads(engine)
         report["jobs"] = repo.counts_by_state()
         report["deliveries"] = repo.delivery_counts_by_state()
         oldest = repo.oldest_unfinished_received_at()

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from sqlalchemy.exc import SQLAlchemyError
 
-from pneumonode.queue.repository import JobRepository
+from pneumonode.queue.reads import QueueReads
 
 LOGGER = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class QueueCollector:
     With several nodes on one database every node reports the same, global values.
     """
 
-    def __init__(self, repository: JobRepository) -> None:
+    def __init__(self, repository: QueueReads) -> None:
         self._repository = repository
 
     def describe(self) -> Iterable[Metric]:
@@ -90,7 +90,7 @@ class NodeMetrics:
         delivered job was received (end-to-end latency).
     """
 
-    def __init__(self, repository: JobRepository) -> None:
+    def __init__(self, repository: QueueReads) -> None:
         self._repository = repository
         self.registry = CollectorRegistry()
         self.images_received = Counter(

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 
-from pneumonode.queue.repository import JobRepository, JobView
+from pneumonode.queue.admin import QueueAdmin
+from pneumonode.queue.records import JobView
 
 LOGGER = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def _older_than(path: Path, cutoff: datetime) -> bool:
     return datetime.fromtimestamp(mtime, UTC) < cutoff
 
 
-def _sweep_spool(repository: JobRepository, remover: _FileRemover, cutoff: datetime) -> None:
+def _sweep_spool(repository: QueueAdmin, remover: _FileRemover, cutoff: datetime) -> None:
     """Remove spool files no job refers to, from days before the cutoff, and stale partials.
 
     They are left by a crash between the spool write and the job commit, or by a duplicate
@@ -97,7 +98,7 @@ def _sweep_spool(repository: JobRepository, remover: _FileRemover, cutoff: datet
 
 
 def purge(
-    repository: JobRepository,
+    repository: QueueAdmin,
     data_dir: Path,
     days: int,
     now: datetime | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from pneumonode.queue.repository import DeliveryTarget
+from pneumonode.queue.records import DeliveryTarget
 from pneumonode.results import ResultKind
 from pneumonode.settings import Destination, Settings
 

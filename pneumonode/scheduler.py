@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.exc import SQLAlchemyError
 
-from pneumonode.queue.repository import JobRepository
+from pneumonode.queue.admin import QueueAdmin
 from pneumonode.retention import PurgeReport, purge
 from pneumonode.settings import Settings
 
@@ -19,7 +19,7 @@ RETENTION_JOB_ID = "retention"
 """The id of the purge job in the scheduler."""
 
 
-def requeue_stale(repository: JobRepository, settings: Settings) -> int:
+def requeue_stale(repository: QueueAdmin, settings: Settings) -> int:
     """Return expired claims (no heartbeat for ``worker.stale_after_s``) to the queue.
 
     A claim expires when its worker or sender died or wedged on it. Each such claim counted as
@@ -39,7 +39,7 @@ def requeue_stale(repository: JobRepository, settings: Settings) -> int:
 
 def build_scheduler(
     settings: Settings,
-    repository: JobRepository,
+    repository: QueueAdmin,
     heartbeats: Sequence[Callable[[], None]],
     on_requeued: Callable[[], None],
     on_purged: Callable[[PurgeReport], None] | None = None,

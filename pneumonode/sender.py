@@ -11,7 +11,8 @@ from pneumonode.claims import HeldClaims
 from pneumonode.dicom.scu import Remote, SendError, Timeouts, store
 from pneumonode.dicom.tls import TlsError, client_context
 from pneumonode.observer import NodeObserver, NullObserver
-from pneumonode.queue.repository import DeliveryView, JobRepository
+from pneumonode.queue.deliveries import DeliveryTransitions
+from pneumonode.queue.records import DeliveryView
 from pneumonode.settings import Settings
 
 LOGGER = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class Sender:
     def __init__(
         self,
         settings: Settings,
-        repository: JobRepository,
+        repository: DeliveryTransitions,
         sender_id: str,
         wake: threading.Event,
         observer: NodeObserver | None = None,

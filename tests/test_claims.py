@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pneumonode.claims import HeldClaims
-from pneumonode.queue.repository import StaleTransition
+from pneumonode.queue.records import StaleTransition
 
 
 def test_beats_held_ids_and_drops_stale_ones() -> None:

@@ -17,13 +17,8 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
 from pneumonode.queue.db import create_schema, make_engine
-from pneumonode.queue.repository import (
-    DeliveryTarget,
-    FindingRecord,
-    JobRepository,
-    NewJob,
-    ResultUIDs,
-)
+from pneumonode.queue.records import DeliveryTarget, FindingRecord, NewJob, ResultUIDs
+from pneumonode.queue.repository import JobRepository
 from pneumonode.sender import Sender
 from pneumonode.settings import Settings
 

@@ -21,7 +21,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from pneumonode.dicom.instance import CommandIdentity, meta_elements_in_dataset, read_instance
 from pneumonode.durable import fsync_path
 from pneumonode.observer import NodeObserver, NullObserver
-from pneumonode.queue.repository import JobRepository, NewJob
+from pneumonode.queue.jobs import JobTransitions
+from pneumonode.queue.records import NewJob
 
 LOGGER = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class Intake:
     def __init__(
         self,
         data_dir: Path,
-        repository: JobRepository,
+        repository: JobTransitions,
         on_queued: Callable[[], None] | None = None,
         observer: NodeObserver | None = None,
     ) -> None:
@@ -306,6 +307,10 @@ class Intake:
         if reason is not None:
             LOGGER.info("job %d skipped at intake: %s", result.job_id, reason)
             return IntakeResult(Status.SUCCESS, Outcome.SKIPPED, result.job_id, reason)
+        LOGGER.info(
+            "job %d queued: SOP Instance %s%s",
+            result.job_id, sop_uid, " (received again)" if result.reopened else "",
+        )
         if self._on_queued is not None:
             self._on_queued()
         return IntakeResult(Status.SUCCESS, Outcome.QUEUED, result.job_id)

@@ -1,1 +1,1 @@
-"""The durable job queue: ORM models, engine setup, state transitions, retry decisions."""
+"""The durable job queue: tables, engine, retry decision, and one small module per role."""

@@ -120,17 +120,9 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
 
 @contextmanager
 def read_transaction(engine: Engine) -> Iterator[Connection]:
-    """Open a transaction that only reads (``BEGIN DEFERRED`` on SQLite).
+    """Yield a connection of ``engine`` inside a transaction that only reads.
 
-    Parameters
-    ----------
-    engine:
-        An engine from :func:`make_engine`.
-
-    Yields
-    ------
-    Connection
-        A connection inside a transaction that sees one consistent snapshot on SQLite.
+    On SQLite it starts ``BEGIN DEFERRED`` and sees one consistent snapshot.
     """
     with engine.connect() as conn, conn.begin():
         yield conn

@@ -22,13 +22,8 @@ from pneumonode.dicom.scp import DicomServer
 from pneumonode.dicom.scu import Remote, SendError, echo, store
 from pneumonode.dicom.tls import TlsError, client_context, server_context
 from pneumonode.queue.db import create_schema, make_engine
-from pneumonode.queue.repository import (
-    DeliveryTarget,
-    FindingRecord,
-    JobRepository,
-    NewJob,
-    ResultUIDs,
-)
+from pneumonode.queue.records import DeliveryTarget, FindingRecord, NewJob, ResultUIDs
+from pneumonode.queue.repository import JobRepository
 from pneumonode.sender import Sender, uses_tls
 from pneumonode.settings import ConfigError, Settings, TlsSettings, load_settings
 

@@ -12,7 +12,7 @@ from hostile.conftest import HostileNode
 from hostile.corpus import Case, build_cases, log_forbidden
 from hostile.wire import echo, store_raw
 
-from pneumonode.queue.repository import JobView
+from pneumonode.queue.records import JobView
 
 README = Path(__file__).with_name("README.md")
 TERMINAL = {"done", "skipped", "failed"}

@@ -12,14 +12,8 @@ from sqlalchemy import Engine
 
 from pneumonode.queue.db import create_schema, make_engine
 from pneumonode.queue.models import Base
-from pneumonode.queue.repository import (
-    DeliveryTarget,
-    FindingRecord,
-    JobRepository,
-    JobView,
-    NewJob,
-    ResultUIDs,
-)
+from pneumonode.queue.records import DeliveryTarget, FindingRecord, JobView, NewJob, ResultUIDs
+from pneumonode.queue.repository import JobRepository
 
 T0 = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
 """A fixed 'now' for tests that check times exactly."""

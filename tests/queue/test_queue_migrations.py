@@ -20,7 +20,8 @@ from sqlalchemy import Engine, inspect, text
 from pneumonode.queue import migrate
 from pneumonode.queue.db import create_schema, make_engine
 from pneumonode.queue.models import Base
-from pneumonode.queue.repository import JobRepository, NewJob
+from pneumonode.queue.records import NewJob
+from pneumonode.queue.repository import JobRepository
 
 REPO = Path(__file__).resolve().parents[2]
 

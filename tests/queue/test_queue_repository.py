@@ -9,7 +9,7 @@ from sqlalchemy import delete, func, select
 
 from pneumonode.queue.db import read_transaction, write_transaction
 from pneumonode.queue.models import Delivery, DeliveryState, Job, JobEvent, JobState
-from pneumonode.queue.repository import (
+from pneumonode.queue.records import (
     DeliveryTarget,
     FindingRecord,
     JobNotFound,
@@ -498,7 +498,7 @@ def test_delivery_transitions_check_state_and_claimer(kit) -> None:
     with pytest.raises(StaleTransition, match="cannot heartbeat"):
         kit.repo.heartbeat_delivery(delivery.id, "other", now=seconds(2))
     kit.repo.heartbeat_delivery(delivery.id, "s1", now=seconds(2))
-    stored = kit.repo.get_delivery(delivery.id)
+    (stored,) = [d for d in kit.repo.deliveries(delivery.job_id) if d.id == delivery.id]
     assert stored is not None and stored.heartbeat_at == seconds(2)
     kit.repo.delivery_succeeded(delivery.id, "s1", now=seconds(3))
     with pytest.raises(StaleTransition, match="expected state 'sending'"):
@@ -538,7 +538,7 @@ def test_requeue_stale_takes_back_expired_deliveries(kit) -> None:
     (delivery,) = kit.repo.claim_deliveries("s1", now=seconds(1))
     assert kit.repo.requeue_stale(stale_before=seconds(1), now=seconds(2)) == 0
     assert kit.repo.requeue_stale(stale_before=seconds(60), now=seconds(61)) == 1
-    stored = kit.repo.get_delivery(delivery.id)
+    (stored,) = [d for d in kit.repo.deliveries(delivery.job_id) if d.id == delivery.id]
     assert stored is not None
     assert (stored.state, stored.claimed_by, stored.next_attempt_at) == (
         DeliveryState.PENDING,

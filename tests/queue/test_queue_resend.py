@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from pneumonode.queue.models import DeliveryState, JobState
-from pneumonode.queue.repository import DeliveryTarget, NotRetryable
+from pneumonode.queue.records import DeliveryTarget, NotRetryable
 from pneumonode.queue.retry import RetryPolicy
 from pneumonode.results import ResultKind
 

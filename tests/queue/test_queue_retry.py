@@ -25,9 +25,9 @@ def test_delays_double_from_base_and_stop_at_max() -> None:
 
 
 def test_gives_up_once_the_budget_is_spent() -> None:
-    policy = RetryPolicy(max_attempts=3, base_delay_s=10, max_delay_s=100, factor=3.0)
+    policy = RetryPolicy(max_attempts=3, base_delay_s=10, max_delay_s=100)
     assert next_attempt(policy, 1, NOW) == NOW + timedelta(seconds=10)
-    assert next_attempt(policy, 2, NOW) == NOW + timedelta(seconds=30)
+    assert next_attempt(policy, 2, NOW) == NOW + timedelta(seconds=20)
     assert next_attempt(policy, 3, NOW) is None
     assert next_attempt(policy, 4, NOW) is None
 
@@ -46,26 +46,6 @@ def test_huge_attempt_counts_stay_at_the_maximum_delay() -> None:
     policy = RetryPolicy(max_attempts=1_000_000, base_delay_s=1, max_delay_s=900)
     assert backoff_delay(policy, 5000) == 900.0
     assert next_attempt(policy, 5000, NOW) == NOW + timedelta(seconds=900)
-
-
-def test_jitter_shortens_by_the_injected_fraction_only() -> None:
-    policy = RetryPolicy(max_attempts=5, base_delay_s=100, max_delay_s=1000)
-    assert next_attempt(policy, 2, NOW, jitter=0.5, random_value=0.5) == NOW + timedelta(
-        seconds=150
-    )
-    assert next_attempt(policy, 2, NOW, jitter=0.5, random_value=0.0) == NOW + timedelta(
-        seconds=200
-    )
-
-
-def test_jitter_needs_an_injected_random_value() -> None:
-    policy = RetryPolicy(max_attempts=5, base_delay_s=100, max_delay_s=1000)
-    with pytest.raises(ValueError, match="random_value"):
-        next_attempt(policy, 1, NOW, jitter=0.2)
-    with pytest.raises(ValueError, match="jitter"):
-        next_attempt(policy, 1, NOW, jitter=1.0, random_value=0.1)
-    with pytest.raises(ValueError, match="random_value"):
-        next_attempt(policy, 1, NOW, jitter=0.2, random_value=1.0)
 
 
 def test_result_keeps_the_callers_time_zone_instant() -> None:
@@ -92,10 +72,6 @@ def test_attempts_made_must_be_positive(attempts: int) -> None:
         ({"max_attempts": 0, "base_delay_s": 1, "max_delay_s": 1}, "max_attempts must be >= 1"),
         ({"max_attempts": 3, "base_delay_s": -1, "max_delay_s": 1}, "base_delay_s must be >= 0"),
         ({"max_attempts": 3, "base_delay_s": 10, "max_delay_s": 5}, "max_delay_s must be >="),
-        (
-            {"max_attempts": 3, "base_delay_s": 1, "max_delay_s": 5, "factor": 0.5},
-            "factor must be >= 1",
-        ),
         (
             {"max_attempts": 3, "base_delay_s": 1, "max_delay_s": float("inf")},
             "finite",

@@ -11,13 +11,8 @@ import pytest
 
 from pneumonode.queue.db import make_engine
 from pneumonode.queue.migrate import upgrade
-from pneumonode.queue.repository import (
-    DeliveryTarget,
-    FindingRecord,
-    JobRepository,
-    NewJob,
-    ResultUIDs,
-)
+from pneumonode.queue.records import DeliveryTarget, FindingRecord, NewJob, ResultUIDs
+from pneumonode.queue.repository import JobRepository
 from pneumonode.retention import PurgeReport, purge
 from pneumonode.scheduler import RETENTION_JOB_ID, build_scheduler
 from pneumonode.settings import Settings

@@ -12,13 +12,8 @@ from harness import StoreSCP, free_port
 from pneumonode.dicom.scu import Remote
 from pneumonode.queue.db import make_engine
 from pneumonode.queue.migrate import upgrade
-from pneumonode.queue.repository import (
-    DeliveryTarget,
-    FindingRecord,
-    JobRepository,
-    NewJob,
-    ResultUIDs,
-)
+from pneumonode.queue.records import DeliveryTarget, FindingRecord, NewJob, ResultUIDs
+from pneumonode.queue.repository import JobRepository
 from pneumonode.sender import Sender, configured_remote
 from pneumonode.settings import Settings
 

@@ -91,12 +91,7 @@ def upgrade() -> None:
         sa.Column("updated_at", _utc(), nullable=False),
         sa.CheckConstraint("attempts >= 0", name=op.f("ck_deliveries_attempts_not_negative")),
         sa.CheckConstraint("port >= 1 AND port <= 65535", name=op.f("ck_deliveries_port_range")),
-        sa.ForeignKeyConstraint(
-            ["job_id"],
-            ["jobs.id"],
-            name=op.f("fk_deliveries_job_id_jobs"),
-            ondelete="CASCADE",
-        ),
+        _job_foreign_key("deliveries"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_deliveries")),
         sa.UniqueConstraint("job_id", "destination", name=op.f("uq_deliveries_job_id_destination")),
         sqlite_autoincrement=True,
@@ -115,16 +110,18 @@ def upgrade() -> None:
         sa.Column("actor", sa.String(length=255), nullable=False),
         sa.Column("detail", sa.Text(), nullable=False),
         sa.Column("destination", sa.String(length=64), nullable=True),
-        sa.ForeignKeyConstraint(
-            ["job_id"],
-            ["jobs.id"],
-            name=op.f("fk_job_events_job_id_jobs"),
-            ondelete="CASCADE",
-        ),
+        _job_foreign_key("job_events"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_job_events")),
         sqlite_autoincrement=True,
     )
     op.create_index("ix_job_events_job", "job_events", ["job_id", "id"])
+
+
+def _job_foreign_key(table: str) -> sa.ForeignKeyConstraint:
+    """``table.job_id`` refers to ``jobs.id``; a job's rows go with it."""
+    return sa.ForeignKeyConstraint(
+        ["job_id"], ["jobs.id"], name=op.f(f"fk_{table}_job_id_jobs"), ondelete="CASCADE"
+    )
 
 
 def downgrade() -> None:

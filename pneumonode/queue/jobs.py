@@ -1,0 +1,415 @@
+"""A job's way through processing: enqueue (with the resend policy), claim, heartbeat, results,
+skip, fail."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime
+
+from sqlalchemy import Connection, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from pneumonode.queue.db import read_transaction, write_transaction
+from pneumonode.queue.deliveries import (
+    describe_target,
+    pending_delivery,
+    reopen_failed_deliveries,
+)
+from pneumonode.queue.models import DeliveryState, JobState
+from pneumonode.queue.records import (
+    DeliveryTarget,
+    EnqueueResult,
+    FindingRecord,
+    JobView,
+    NewJob,
+    QueueError,
+    ResultUIDs,
+    StaleTransition,
+    check_actor,
+    check_limit,
+    check_worker,
+    clip_error,
+    utc,
+)
+from pneumonode.queue.retry import RetryPolicy
+from pneumonode.queue.rows import (
+    DELIVERIES,
+    JOBS,
+    EngineBound,
+    add_event,
+    claim_rows,
+    delivery_views,
+    failed_attempt,
+    heartbeat,
+    job_view_or_raise,
+    job_views,
+    released,
+    update_job,
+)
+
+logger = logging.getLogger(__name__)
+
+_ARRIVAL = ("spool_path", "skip_reason", "calling_aet", "peer_host")
+"""The columns a job takes from each copy of its instance that is received."""
+
+
+class JobTransitions(EngineBound):
+    """What intake and the worker do to jobs; every change a guarded UPDATE with its event.
+
+    A transition of a claimed job raises :class:`StaleTransition` when the job is no longer
+    ``processing`` under the caller's claim: the caller must stop working on it.
+    """
+
+    def enqueue(
+        self, new: NewJob, now: datetime | None = None, *, actor: str = "intake"
+    ) -> EnqueueResult:
+        """Record a received instance as a job, once per SOP Instance UID.
+
+        Parameters
+        ----------
+        new:
+            The instance. With ``skip_reason`` the job is created ``skipped``, else
+            ``received`` and due at once.
+        now:
+            The time of receipt.
+        actor:
+            Who receives, for the event log.
+
+        Returns
+        -------
+        EnqueueResult
+            The job's id and ``created=True``. For a SOP Instance UID already known, the
+            existing job's id and ``created=False``, following the resend policy: a
+            ``skipped`` or ``failed`` job is taken up again (``reopened``): processed again
+            from the new copy, or, when it already has results, its failed deliveries are
+            sent again with the same UIDs. A job in any other state is left as it is (a
+            ``done`` job is redelivered only by the operator). Concurrent enqueues of one UID
+            are decided by the unique constraint.
+        """
+        at = utc(now)
+        check_actor(actor, new.sop_instance_uid)
+        existing = self._find_job_id(new.sop_instance_uid)
+        if existing is not None:
+            return self._received_again(existing, new, at, actor)
+        state = JobState.RECEIVED if new.skip_reason is None else JobState.SKIPPED
+        try:
+            with write_transaction(self._engine) as conn:
+                job_id = conn.execute(
+                    insert(JOBS)
+                    .values(
+                        **asdict(new),  # every field of NewJob is a column of the same name
+                        state=state,
+                        attempts=0,
+                        next_attempt_at=at,
+                        received_at=at,
+                        updated_at=at,
+                    )
+                    .returning(JOBS.c.id)
+                ).scalar_one()
+                detail = f"received from {new.calling_aet}"
+                if new.skip_reason is not None:
+                    detail += f"; skipped: {new.skip_reason}"
+                add_event(conn, job_id, at, None, state, actor, detail)
+        except IntegrityError:
+            existing = self._find_job_id(new.sop_instance_uid)
+            if existing is None:
+                raise
+            return self._received_again(existing, new, at, actor)
+        return EnqueueResult(job_id=job_id, created=True)
+
+    def claim_jobs(
+        self, worker_id: str, limit: int = 1, now: datetime | None = None
+    ) -> list[JobView]:
+        """Take the oldest due ``received`` jobs for processing.
+
+        Parameters
+        ----------
+        worker_id:
+            The claiming worker, e.g. ``host:pid:thread``.
+        limit:
+            The most jobs to take (>= 1).
+        now:
+            The current time: jobs whose ``next_attempt_at`` is later are not due.
+
+        Returns
+        -------
+        list of JobView
+            The claimed jobs, oldest first, now ``processing`` with ``attempts`` increased,
+            ``claimed_by`` set and ``heartbeat_at = now``. Each job is claimed by one worker
+            only.
+        """
+        at = utc(now)
+        check_worker(worker_id)
+        check_limit(limit)
+        with write_transaction(self._engine) as conn:
+            ids = claim_rows(
+                conn, JOBS, [JOBS.c.next_attempt_at <= at], [JOBS.c.id], limit,
+                expected=JobState.RECEIVED, to=JobState.PROCESSING, worker_id=worker_id, at=at,
+            )
+            claimed = job_views(conn, JOBS.c.id.in_(ids), order=JOBS.c.id) if ids else []
+            for job in claimed:
+                add_event(
+                    conn, job.id, at, JobState.RECEIVED, JobState.PROCESSING, worker_id,
+                    f"claimed, attempt {job.attempts}",
+                )
+        for job in claimed:
+            logger.info("job %d: claimed by %s, attempt %d", job.id, worker_id, job.attempts)
+        return claimed
+
+    def heartbeat_job(self, job_id: int, worker_id: str, now: datetime | None = None) -> None:
+        """Tell the queue a worker still processes its job (StaleTransition: claim lost)."""
+        heartbeat(self._engine, JOBS, job_id, worker_id, utc(now))
+
+    def reserve_result_uids(
+        self,
+        job_id: int,
+        proposed: ResultUIDs,
+        *,
+        actor: str = "worker",
+        now: datetime | None = None,
+    ) -> ResultUIDs:
+        """Fix a job's result UIDs the first time; later calls get the first UIDs back.
+
+        Parameters
+        ----------
+        job_id:
+            The job.
+        proposed:
+            Freshly generated UIDs, stored only when the job has none yet.
+        actor:
+            Who reserves, for the event log.
+        now:
+            The time of the reservation.
+
+        Returns
+        -------
+        ResultUIDs
+            The UIDs stored on the job, so a retried job re-sends identical instances.
+
+        Raises
+        ------
+        JobNotFound
+            When there is no such job.
+        """
+        at = utc(now)
+        check_actor(actor)
+        with write_transaction(self._engine) as conn:
+            first = _set_if_unset(
+                conn, job_id, at,
+                seg_series_uid=proposed.seg_series_uid,
+                seg_sop_uid=proposed.seg_sop_uid,
+                sc_series_uid=proposed.sc_series_uid,
+                sc_sop_uid=proposed.sc_sop_uid,
+            )
+            # the SR came later: a job whose SEG and SC UIDs were fixed before gets SR UIDs now
+            _set_if_unset(
+                conn, job_id, at,
+                sr_series_uid=proposed.sr_series_uid,
+                sr_sop_uid=proposed.sr_sop_uid,
+            )
+            job = job_view_or_raise(conn, job_id)
+            stored = job.result_uids
+            if stored is None:
+                raise QueueError(
+                    f"job {job_id}: result UIDs are partly set; refusing to mix them "
+                    f"(SOP Instance UID {job.sop_instance_uid})"
+                )
+            if first:
+                add_event(
+                    conn, job_id, at, job.state, job.state, actor,
+                    f"result UIDs fixed: SEG {stored.seg_sop_uid}, SC {stored.sc_sop_uid}, "
+                    f"SR {stored.sr_sop_uid}",
+                )
+        return stored
+
+    def finish_processing(
+        self,
+        job_id: int,
+        worker_id: str,
+        finding: FindingRecord,
+        targets: Sequence[DeliveryTarget],
+        now: datetime | None = None,
+    ) -> None:
+        """Record a job's results and create one pending delivery per destination.
+
+        The job goes ``processing -> delivering``, or ``processing -> done`` when there is no
+        destination. Its result UIDs must have been reserved with
+        :meth:`reserve_result_uids` before the outputs were written.
+
+        Raises
+        ------
+        QueueError
+            When the job's result UIDs were never reserved.
+        ValueError
+            When two targets share a destination name.
+        """
+        at = utc(now)
+        names = [target.destination for target in targets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"finish_processing: destination names must be unique, got {names}")
+        to = JobState.DELIVERING if targets else JobState.DONE
+        with write_transaction(self._engine) as conn:
+            job = update_job(
+                conn,
+                job_id,
+                expected=JobState.PROCESSING,
+                worker_id=worker_id,
+                transition=f"finish processing ({to})",
+                values=released(
+                    at,
+                    state=to,
+                    finding_present=finding.present,
+                    finding_score=finding.score,
+                    finding_area_mm2=finding.area_mm2,
+                    model_uid=finding.model_uid,
+                    seg_path=finding.seg_path,
+                    sc_path=finding.sc_path,
+                    sr_path=finding.sr_path,
+                ),
+            )
+            if job.result_uids is None:
+                raise QueueError(
+                    f"job {job_id}: cannot finish processing: result UIDs were never reserved "
+                    f"(SOP Instance UID {job.sop_instance_uid})"
+                )
+            outcome = "pneumothorax found" if finding.present else "no pneumothorax found"
+            outcome += f" (score {finding.score:.3f})"
+            if targets:
+                detail = f"{outcome}; delivering to {', '.join(names)}"
+            else:
+                detail = f"{outcome}; no destinations take it, nothing to deliver"
+            add_event(conn, job_id, at, JobState.PROCESSING, to, worker_id, detail)
+            for target in targets:
+                conn.execute(
+                    insert(DELIVERIES).values(
+                        job_id=job_id,
+                        destination=target.destination,
+                        created_at=at,
+                        **pending_delivery(target, at),
+                    )
+                )
+                add_event(
+                    conn, job_id, at, None, DeliveryState.PENDING, worker_id,
+                    describe_target(target), destination=target.destination,
+                )
+
+    def skip_job(
+        self, job_id: int, worker_id: str, reason: str, now: datetime | None = None
+    ) -> None:
+        """End a job ``skipped`` with the reason (not a chest radiograph, for example).
+        """
+        at = utc(now)
+        if not reason.strip():
+            raise ValueError(f"skip_job: reason must not be blank (job {job_id})")
+        with write_transaction(self._engine) as conn:
+            update_job(
+                conn,
+                job_id,
+                expected=JobState.PROCESSING,
+                worker_id=worker_id,
+                transition="skip",
+                values=released(at, state=JobState.SKIPPED, skip_reason=reason),
+            )
+            add_event(conn, job_id, at, JobState.PROCESSING, JobState.SKIPPED, worker_id, reason)
+
+    def fail_job(
+        self,
+        job_id: int,
+        worker_id: str,
+        error: str,
+        policy: RetryPolicy,
+        now: datetime | None = None,
+    ) -> JobView:
+        """Record a failed processing attempt: retry later, or give up after the budget.
+
+        Returns
+        -------
+        JobView
+            The job, ``received`` with ``next_attempt_at`` from the policy's backoff, or
+            ``failed`` once ``attempts`` reached ``policy.max_attempts``; ``last_error`` holds
+            the error either way.
+        """
+        at = utc(now)
+        message = clip_error(error)
+        with write_transaction(self._engine) as conn:
+            found = job_views(conn, JOBS.c.id == job_id, lock=True)
+            if not found:
+                raise StaleTransition(f"job {job_id}: cannot fail: no such job")
+            to, values, detail = failed_attempt(
+                policy, found[0].attempts, at, message,
+                again=JobState.RECEIVED, give_up=JobState.FAILED,
+            )
+            job = update_job(
+                conn,
+                job_id,
+                expected=JobState.PROCESSING,
+                worker_id=worker_id,
+                transition=f"fail ({to})",
+                values=values,
+            )
+            add_event(conn, job_id, at, JobState.PROCESSING, to, worker_id, detail)
+        return job
+
+    def _find_job_id(self, sop_instance_uid: str) -> int | None:
+        with read_transaction(self._engine) as conn:
+            found: int | None = conn.execute(
+                select(JOBS.c.id).where(JOBS.c.sop_instance_uid == sop_instance_uid)
+            ).scalar_one_or_none()
+        return found
+
+    def _received_again(
+        self, job_id: int, new: NewJob, at: datetime, actor: str
+    ) -> EnqueueResult:
+        """Apply the resend policy to an instance that already has job ``job_id``."""
+        duplicate = EnqueueResult(job_id, created=False, unused_spool_path=new.spool_path)
+        with write_transaction(self._engine) as conn:
+            job = job_view_or_raise(conn, job_id, lock=True)
+            if job.state not in (JobState.SKIPPED, JobState.FAILED):
+                return duplicate
+            deliveries = delivery_views(conn, DELIVERIES.c.job_id == job_id)
+            if deliveries:
+                failed = [d for d in deliveries if d.state is DeliveryState.FAILED]
+                if not failed:
+                    return duplicate
+                detail = f"received again from {new.calling_aet}: re-sending its results"
+                reopen_failed_deliveries(conn, job, failed, at, actor, detail)
+                return EnqueueResult(
+                    job_id, created=False, reopened=True, unused_spool_path=new.spool_path
+                )
+            if new.skip_reason is not None and job.state is JobState.SKIPPED:
+                return duplicate
+            to = JobState.RECEIVED if new.skip_reason is None else JobState.SKIPPED
+            update_job(
+                conn,
+                job_id,
+                expected=job.state,
+                worker_id=None,
+                transition="received again",
+                values=released(
+                    at, state=to, attempts=0, next_attempt_at=at, last_error=None,
+                    # the new copy: where it lies, who sent it, why it is skipped
+                    **{name: getattr(new, name) for name in _ARRIVAL},
+                ),
+            )
+            detail = f"received again from {new.calling_aet}: processed again"
+            if new.skip_reason is not None:
+                detail += f"; skipped: {new.skip_reason}"
+            add_event(conn, job_id, at, job.state, to, actor, detail)
+        logger.info("job %d: %s, now %s", job_id, detail, to)
+        return EnqueueResult(
+            job_id,
+            created=False,
+            reopened=True,
+            unused_spool_path=job.spool_path if job.spool_path != new.spool_path else None,
+        )
+
+
+def _set_if_unset(conn: Connection, job_id: int, at: datetime, **columns: str) -> bool:
+    """Set ``columns`` of a job where all of them are still NULL; True when it did."""
+    unset = [JOBS.c[name].is_(None) for name in columns]
+    result = conn.execute(
+        update(JOBS).where(JOBS.c.id == job_id, *unset).values(updated_at=at, **columns)
+    )
+    return result.rowcount == 1
