@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from pneumonode.dicom.wire_limits import UnsupportedPynetdicom
-    from pneumonode.inference.package import ModelPackageError
+    from pneumonode.inference.card import ModelPackageError
     from pneumonode.queue.migrate import SchemaError
     from pneumonode.service import serve
 
@@ -529,7 +529,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 def cmd_model_check(args: argparse.Namespace) -> int:
     """Load a model package and run one prediction on a synthetic image."""
     _import_keras(args.verbose)
-    from pneumonode.inference.package import ModelPackageError
+    from pneumonode.inference.card import ModelPackageError
     from pneumonode.inference.predictor import Predictor
 
     try:

@@ -83,7 +83,7 @@ class Node:
 
         Raises
         ------
-        pneumonode.inference.package.ModelPackageError
+        pneumonode.inference.card.ModelPackageError
             When the model package cannot be loaded.
         pneumonode.queue.migrate.SchemaError
             When a PostgreSQL database needs ``pneumonode db upgrade``.

@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from pneumonode.identifiers import ae_title_problem
 from pneumonode.queue.retry import RetryPolicy
 from pneumonode.results import ALL_KINDS, ResultKind
 
@@ -35,12 +36,9 @@ class ConfigError(ValueError):
 
 
 def _check_ae_title(value: str) -> str:
-    if not 1 <= len(value) <= 16:
-        raise ValueError(f"an AE title has 1 to 16 characters, got {len(value)}: {value!r}")
-    if not value.strip():
-        raise ValueError("an AE title must not be only spaces")
-    if "\\" in value or any(not (32 <= ord(c) < 127) for c in value):
-        raise ValueError(f"an AE title is printable ASCII without backslash: {value!r}")
+    problem = ae_title_problem(value)
+    if problem is not None:
+        raise ValueError(f"an AE title {problem}")
     return value.strip()
 
 

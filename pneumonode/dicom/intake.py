@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pneumonode.dicom.instance import CommandIdentity, meta_elements_in_dataset, read_instance
 from pneumonode.durable import fsync_path
+from pneumonode.identifiers import is_valid_uid
 from pneumonode.observer import NodeObserver, NullObserver
 from pneumonode.queue.jobs import JobTransitions
 from pneumonode.queue.records import NewJob
@@ -28,7 +29,6 @@ LOGGER = logging.getLogger(__name__)
 
 ACCEPTED_MODALITIES = frozenset({"CR", "DX"})
 CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "CHEST_LAT", "CHESTABDOMEN"})
-_UID_CHARS = frozenset("0123456789.")
 #: Deepest sequence nesting accepted (a deeper one is a parser bomb, not a radiograph).
 MAX_SEQUENCE_DEPTH = 16
 
@@ -75,13 +75,6 @@ class IntakeResult:
     outcome: Outcome
     job_id: int | None
     reason: str | None = None
-
-
-def is_valid_uid(value: object) -> bool:
-    """True for a syntactically valid DICOM UID (PS3.5 9.1)."""
-    if not isinstance(value, str) or not 0 < len(value) <= 64 or not set(value) <= _UID_CHARS:
-        return False
-    return all(part and (part == "0" or part[0] != "0") for part in value.split("."))
 
 
 def skip_reason(ds: Dataset) -> str | None:

@@ -30,7 +30,7 @@ from pneumonode.dicom.instance import (
     UndecodableInstance,
     spool_file_bytes,
 )
-from pneumonode.dicom.intake import Intake, Status, is_valid_uid
+from pneumonode.dicom.intake import Intake, Status
 from pneumonode.dicom.tls import server_context
 from pneumonode.dicom.wire_limits import (
     CONNECTIONS_PER_SLOT,
@@ -40,6 +40,7 @@ from pneumonode.dicom.wire_limits import (
     check_pynetdicom,
     slot_holders,
 )
+from pneumonode.identifiers import is_valid_uid
 from pneumonode.settings import Settings
 
 LOGGER = logging.getLogger(__name__)

@@ -6,11 +6,31 @@ import json
 from pathlib import Path
 from typing import Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from pneumonode.identifiers import uid_problem
 
 CARD_FILE = "model_card.json"
 SCHEMA_VERSION: Final = 1
-_UID_CHARS = set("0123456789.")
+
+
+class ModelPackageError(ValueError):
+    """A model package cannot be used; the message is one line naming the path and the rule."""
+
+
+def _one_line(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "card"
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)
 
 
 class _Strict(BaseModel):
@@ -89,10 +109,9 @@ class ModelCard(_Strict):
     @field_validator("uid")
     @classmethod
     def _valid_uid(cls, value: str) -> str:
-        if not value or len(value) > 64 or not set(value) <= _UID_CHARS:
-            raise ValueError(f"uid must be a DICOM UID (digits and dots, <= 64 chars): {value!r}")
-        if any(part == "" or (len(part) > 1 and part[0] == "0") for part in value.split(".")):
-            raise ValueError(f"uid has an empty or zero-padded component: {value!r}")
+        problem = uid_problem(value)
+        if problem is not None:
+            raise ValueError(f"uid {problem}")
         return value
 
     @field_validator("members")
@@ -112,13 +131,28 @@ class ModelCard(_Strict):
 
     @classmethod
     def load(cls, package: Path) -> ModelCard:
-        """Read and validate ``model_card.json`` from a package folder."""
+        """Read and validate ``model_card.json`` from a package folder; it needs no Keras.
+
+        Raises
+        ------
+        ModelPackageError
+            If the folder or its card is missing, or the card is not valid JSON or breaks a
+            rule.
+        """
+        package = Path(package)
+        if not package.is_dir():
+            raise ModelPackageError(f"model package folder not found: {package}")
         path = package / CARD_FILE
+        if not path.is_file():
+            raise ModelPackageError(f"model package {package} has no {CARD_FILE}")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"model package {package} has no {CARD_FILE}") from exc
-        return cls.model_validate(raw)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelPackageError(f"{path} is not readable JSON: {exc}") from exc
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ModelPackageError(f"{path} is not a valid model card: {_one_line(exc)}") from exc
 
     def save(self, package: Path) -> Path:
         """Write the card into a package folder; returns the file written."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import zipfile
 from dataclasses import dataclass
@@ -10,16 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import keras
-from pydantic import ValidationError
 
-from pneumonode.inference.card import CARD_FILE, ModelCard
+from pneumonode.inference.card import ModelCard, ModelPackageError
 from pneumonode.nets.gates import AttentionGate
 
 logger = logging.getLogger(__name__)
-
-
-class ModelPackageError(Exception):
-    """A model package cannot be used; the message is one line naming the path and the rule."""
 
 
 @dataclass(frozen=True)
@@ -39,47 +33,6 @@ class ModelPackage:
     path: Path
     card: ModelCard
     members: tuple[keras.Model, ...]
-
-
-def _one_line(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "card"
-        parts.append(f"{where}: {item['msg']}")
-    return "; ".join(parts)
-
-
-def read_card(path: Path) -> ModelCard:
-    """Read and validate the card of a package folder.
-
-    Parameters
-    ----------
-    path:
-        The package folder.
-
-    Returns
-    -------
-    ModelCard
-
-    Raises
-    ------
-    ModelPackageError
-        If the folder or its card is missing, or the card is not valid JSON or breaks a rule.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelPackageError(f"model package folder not found: {path}")
-    card_path = path / CARD_FILE
-    if not card_path.is_file():
-        raise ModelPackageError(f"model package {path} has no {CARD_FILE}")
-    try:
-        raw = json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelPackageError(f"{card_path} is not readable JSON: {exc}") from exc
-    try:
-        return ModelCard.model_validate(raw)
-    except ValidationError as exc:
-        raise ModelPackageError(f"{card_path} is not a valid model card: {_one_line(exc)}") from exc
 
 
 def _check_member(model: keras.Model, card: ModelCard, member: Path) -> None:
@@ -121,7 +74,7 @@ def load_package(path: Path) -> ModelPackage:
         load, or a member's input/output does not match the card.
     """
     path = Path(path)
-    card = read_card(path)
+    card = ModelCard.load(path)
     models = []
     for name in card.members:
         member = path / name

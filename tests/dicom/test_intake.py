@@ -20,10 +20,10 @@ from pneumonode.dicom.intake import (
     Intake,
     Outcome,
     Status,
-    is_valid_uid,
     skip_reason,
     unreadable_element,
 )
+from pneumonode.identifiers import is_valid_uid
 from pneumonode.queue.db import create_schema, make_engine
 from pneumonode.queue.repository import JobRepository
 

@@ -19,8 +19,9 @@ from pydicom.errors import BytesLengthException
 from pydicom.filereader import read_dataset
 
 from pneumonode.dicom.instance import spool_file_bytes
-from pneumonode.dicom.intake import Intake, Outcome, Status, is_valid_uid, skip_reason
+from pneumonode.dicom.intake import Intake, Outcome, Status, skip_reason
 from pneumonode.dicom.pixels import DecodedImage, PixelError, decode
+from pneumonode.identifiers import is_valid_uid
 from pneumonode.queue.db import create_schema, make_engine
 from pneumonode.queue.repository import JobRepository
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import keras
 import pytest
 
-from pneumonode.inference.card import CARD_FILE, ModelCard
-from pneumonode.inference.package import ModelPackageError, load_package, read_card
+from pneumonode.inference.card import CARD_FILE, ModelCard, ModelPackageError
+from pneumonode.inference.package import load_package
 from pneumonode.nets.attention_unet import build_attention_unet
 
 PackageFactory = Callable[..., Path]
@@ -51,7 +51,7 @@ def test_invalid_card_names_the_field(tmp_path: Path, card_factory: CardFactory)
     raw["thresholds"] = {"top": 0.4, "bottom": 0.6}
     (tmp_path / CARD_FILE).write_text(json.dumps(raw), encoding="utf-8")
     with pytest.raises(ModelPackageError) as error:
-        read_card(tmp_path)
+        ModelCard.load(tmp_path)
     message = _one_line(error)
     assert "not a valid model card" in message
     assert "uid" in message
@@ -61,7 +61,7 @@ def test_invalid_card_names_the_field(tmp_path: Path, card_factory: CardFactory)
 def test_card_that_is_not_json(tmp_path: Path) -> None:
     (tmp_path / CARD_FILE).write_text("{not json", encoding="utf-8")
     with pytest.raises(ModelPackageError) as error:
-        read_card(tmp_path)
+        ModelCard.load(tmp_path)
     assert "not readable JSON" in _one_line(error)
 
 
