@@ -95,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _import_keras(args.verbose)
     from sqlalchemy.exc import SQLAlchemyError
 
-    from pneumonode.dicom.wire_limits import UnsupportedPynetdicom
+    from pneumonode.dicom.pynetdicom_internals import UnsupportedPynetdicom
     from pneumonode.inference.card import ModelPackageError
     from pneumonode.queue.migrate import SchemaError
     from pneumonode.service import serve

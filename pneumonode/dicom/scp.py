@@ -31,13 +31,13 @@ from pneumonode.dicom.instance import (
     spool_file_bytes,
 )
 from pneumonode.dicom.intake import Intake, Status
+from pneumonode.dicom.pynetdicom_internals import check_pynetdicom
 from pneumonode.dicom.tls import server_context
 from pneumonode.dicom.wire_limits import (
     CONNECTIONS_PER_SLOT,
     BoundedRequestHandler,
     ConnectionGate,
     WireLimits,
-    check_pynetdicom,
     slot_holders,
 )
 from pneumonode.identifiers import is_valid_uid
@@ -455,7 +455,7 @@ class DicomServer:
     ------
     pneumonode.dicom.tls.TlsError
         When ``[tls] enabled`` and its certificate, key or CA file cannot be used.
-    pneumonode.dicom.wire_limits.UnsupportedPynetdicom
+    pneumonode.dicom.pynetdicom_internals.UnsupportedPynetdicom
         When the installed pynetdicom is not the major version the PDU limits hook.
     """
 

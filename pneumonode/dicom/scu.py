@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
+from pneumonode.dicom.reactor import quiesce_reactor
 from pneumonode.dicom.scp import VERIFICATION, handle_conn_open
 
 LOGGER = logging.getLogger(__name__)
@@ -64,33 +64,6 @@ class StoreOutcome:
         return self.status == 0x0000 or self.status in (0x0107, 0x0116) or (
             0xB000 <= self.status <= 0xBFFF
         )
-
-
-def _quiesce_reactor(assoc: Association, settle_s: float = 0.003) -> None:
-    """Make sure the association's reactor thread is parked before a request is sent.
-
-    pynetdicom (checked up to 3.0.4) pauses its requestor-side reactor by clearing an event and
-    then waiting for ``_is_paused``; but the reactor sets that flag *before* it waits, so it can
-    be seen paused while it is already past the wait and about to poll the message queue. With
-    TCP_NODELAY on a fast link the C-STORE response can arrive inside that window; the reactor
-    then takes it as an unexpected request ("Received unexpected C-STORE service message") and
-    the sender waits out its DIMSE timeout. Seen here about 7 times in 300 sends under load.
-
-    Nothing has been sent yet when this runs, so a reactor still going round its loop finds no
-    message; once the flag has stayed set across more than one loop period (1 ms), the reactor
-    is blocked on the cleared event and cannot steal the response.
-    """
-    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
-    if checkpoint is None or not hasattr(assoc, "_is_paused"):
-        return
-    checkpoint.clear()
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:
-        while not assoc._is_paused and time.monotonic() < deadline:
-            time.sleep(0.0001)
-        time.sleep(settle_s)
-        if assoc._is_paused:
-            return
 
 
 def _make_ae(calling_ae: str, timeouts: Timeouts) -> AE:
@@ -183,7 +156,7 @@ def store(
                     f"{remote} accepted no presentation context for SOP class {ds.SOPClassUID} "
                     f"(instance {ds.SOPInstanceUID})"
                 )
-            _quiesce_reactor(assoc)
+            quiesce_reactor(assoc)
             response = assoc.send_c_store(ds)
             if "Status" not in response:
                 raise SendError(

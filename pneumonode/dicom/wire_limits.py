@@ -24,8 +24,9 @@ A first PDU that is not an A-ASSOCIATE-RQ pynetdicom can decode is refused the s
 the association thread waiting for it is woken (pynetdicom would leave it waiting, holding an
 association slot, until its ACSE timeout).
 
-The hook depends on those two pynetdicom internals, so :func:`check_pynetdicom` refuses to start
-the listener with a pynetdicom major version other than the one it was written for.
+The hook depends on those two pynetdicom internals, so
+:func:`pneumonode.dicom.pynetdicom_internals.check_pynetdicom` refuses to start the listener with
+a pynetdicom major version other than the one it was written for.
 """
 
 from __future__ import annotations
@@ -41,8 +42,6 @@ from queue import Queue
 from socketserver import BaseServer
 from typing import TYPE_CHECKING, Any, cast
 
-import pynetdicom
-from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ASSOCIATE_RQ as A_ASSOCIATE_RQ_PDU
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
@@ -52,9 +51,6 @@ if TYPE_CHECKING:
     from pynetdicom.association import Association
 
 LOGGER = logging.getLogger(__name__)
-
-#: The pynetdicom major version whose DUL reading this module was written against.
-SUPPORTED_PYNETDICOM_MAJOR = 3
 
 MIB = 1024 * 1024
 PDU_HEADER_BYTES = 6
@@ -85,38 +81,6 @@ MAX_HOLDERS_SHOWN = 10
 CONNECTIONS_PER_SLOT = 4
 #: Shortest time between two log lines about connections closed unread.
 GATE_LOG_INTERVAL_S = 10.0
-
-
-class UnsupportedPynetdicom(RuntimeError):
-    """The installed pynetdicom is not one whose PDU reading this module knows how to bound."""
-
-
-def check_pynetdicom(version: str | None = None) -> None:
-    """Fail unless pynetdicom is the major version, with the internals, that the hook expects.
-
-    Raises
-    ------
-    UnsupportedPynetdicom
-        Naming the version found and what to review (this module's docstring).
-    """
-    found = pynetdicom.__version__ if version is None else version
-    major = found.split(".", 1)[0]
-    if not major.isdigit() or int(major) != SUPPORTED_PYNETDICOM_MAJOR:
-        raise UnsupportedPynetdicom(
-            f"pynetdicom {found} is installed; the listener's PDU limits hook pynetdicom "
-            f"{SUPPORTED_PYNETDICOM_MAJOR}.x internals (see pneumonode/dicom/wire_limits.py): "
-            f"install pynetdicom {SUPPORTED_PYNETDICOM_MAJOR}.x or review the hook"
-        )
-    for owner, name in (
-        (RequestHandler, "_create_association"),
-        (AssociationSocket, "recv"),
-        (DULServiceProvider, "_read_pdu_data"),
-    ):
-        if not callable(getattr(owner, name, None)):
-            raise UnsupportedPynetdicom(
-                f"pynetdicom {found} has no {owner.__name__}.{name}, which the listener's PDU "
-                "limits hook (see pneumonode/dicom/wire_limits.py)"
-            )
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Sending many instances over one association never loses a C-STORE response.
 
-Guards the pynetdicom reactor race worked around in ``scu._quiesce_reactor``: without the
+Guards the pynetdicom reactor race worked around in ``pneumonode.dicom.reactor``: without the
 workaround about 2 in 1000 responses were taken by the reactor here, and the send waited out its
 DIMSE timeout.
 """

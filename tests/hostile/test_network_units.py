@@ -13,14 +13,13 @@ from typing import Any
 import pytest
 from hostile.wire import associate_rq, p_data, pdu
 
+from pneumonode.dicom.pynetdicom_internals import UnsupportedPynetdicom, check_pynetdicom
 from pneumonode.dicom.wire_limits import (
     ABORT_INVALID_PARAMETER,
     MAX_ASSOCIATE_RQ_BYTES,
     ConnectionGate,
     PduGuard,
-    UnsupportedPynetdicom,
     WireLimits,
-    check_pynetdicom,
 )
 from pneumonode.settings import Settings
 
