@@ -325,12 +325,12 @@ def cmd_jobs_resend(args: argparse.Namespace) -> int:
     repo = _repository(settings)
     from pneumonode.queue.records import QueueError
     from pneumonode.results import ALL_KINDS
-    from pneumonode.routing import PEER_PREFIX, delivery_targets
+    from pneumonode.routing import delivery_targets, peer_ae_title
 
     if not (args.jobs or args.state or args.since):
         raise CliError("name the jobs to resend: job ids or UIDs, --state or --since")
     known = {d.name for d in settings.destinations}
-    if args.to is not None and args.to not in known and not args.to.startswith(PEER_PREFIX):
+    if args.to is not None and args.to not in known and peer_ae_title(args.to) is None:
         raise CliError(
             f"--to {args.to!r} is not a configured destination "
             f"({', '.join(sorted(known)) or 'none configured'})"

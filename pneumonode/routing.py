@@ -7,12 +7,33 @@ from collections.abc import Sequence
 
 from pneumonode.queue.records import DeliveryTarget
 from pneumonode.results import ResultKind
-from pneumonode.settings import Destination, Settings
+from pneumonode.settings import Destination, Peer, Settings
 
 LOGGER = logging.getLogger(__name__)
 
 PEER_PREFIX = "peer:"
 """Deliveries back to the calling AE are named ``peer:<AE title>``."""
+
+Route = Destination | Peer
+"""Where a delivery goes, as configured: a ``[[destinations]]`` or a ``[[peers]]`` entry."""
+
+
+def route_name(route: Route) -> str:
+    """The name a delivery to ``route`` carries: the destination's, or ``peer:<AE title>``."""
+    return route.name if isinstance(route, Destination) else f"{PEER_PREFIX}{route.ae_title}"
+
+
+def peer_ae_title(name: str) -> str | None:
+    """The AE title of a ``peer:<AE title>`` delivery name, or None for a destination's name."""
+    return name.removeprefix(PEER_PREFIX) if name.startswith(PEER_PREFIX) else None
+
+
+def configured_route(settings: Settings, name: str) -> Route | None:
+    """The entry of ``settings`` a delivery name points at, or None when none is configured."""
+    ae_title = peer_ae_title(name)
+    if ae_title is not None:
+        return settings.peer(ae_title)
+    return next((d for d in settings.destinations if d.name == name), None)
 
 
 def _target(destination: Destination, made: Sequence[ResultKind], positive: bool) -> (
@@ -78,7 +99,7 @@ def delivery_targets(
         else:
             targets.append(
                 DeliveryTarget(
-                    destination=f"{PEER_PREFIX}{peer.ae_title}",
+                    destination=route_name(peer),
                     ae_title=peer.ae_title,
                     host=peer.host,
                     port=peer.port,

@@ -13,32 +13,22 @@ from pneumonode.dicom.tls import TlsError, client_context
 from pneumonode.observer import NodeObserver, NullObserver
 from pneumonode.queue.deliveries import DeliveryTransitions
 from pneumonode.queue.records import DeliveryView
+from pneumonode.routing import configured_route
 from pneumonode.settings import Settings
 
 LOGGER = logging.getLogger(__name__)
 
 
 def configured_remote(settings: Settings, destination: str) -> Remote | None:
-    """The address ``settings`` give a delivery's destination name, or None when not configured.
-
-    ``peer:AE`` names (return to sender) are looked up in ``[[peers]]``, others in
-    ``[[destinations]]``.
-    """
-    if destination.startswith("peer:"):
-        peer = settings.peer(destination.removeprefix("peer:"))
-        return None if peer is None else Remote(peer.ae_title, peer.host, peer.port)
-    for configured in settings.destinations:
-        if configured.name == destination:
-            return Remote(configured.ae_title, configured.host, configured.port)
-    return None
+    """The address ``settings`` give a delivery's destination name, or None when not configured."""
+    route = configured_route(settings, destination)
+    return None if route is None else Remote(route.ae_title, route.host, route.port)
 
 
 def uses_tls(settings: Settings, destination: str) -> bool:
-    """Whether deliveries to ``destination`` (``[[destinations]]`` name or ``peer:AE``) use TLS."""
-    if destination.startswith("peer:"):
-        peer = settings.peer(destination.removeprefix("peer:"))
-        return peer is not None and peer.tls
-    return any(d.tls for d in settings.destinations if d.name == destination)
+    """Whether deliveries to ``destination`` (a delivery name) use TLS."""
+    route = configured_route(settings, destination)
+    return route is not None and route.tls
 
 
 def _tls_needed(settings: Settings) -> bool:
