@@ -1,10 +1,9 @@
-"""The result objects of a job (SEG, SC, SR): their kinds and where they lie in the data folder."""
+"""The result objects of a job (SEG, SC, SR): their kinds, in sending order, as rows store them."""
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from pathlib import PurePosixPath
 
 
 class ResultKind(enum.StrEnum):
@@ -20,14 +19,6 @@ ALL_KINDS: tuple[ResultKind, ...] = (ResultKind.SEG, ResultKind.SC, ResultKind.S
 
 #: What deliveries recorded before the SR existed carried.
 LEGACY_KINDS: tuple[ResultKind, ...] = (ResultKind.SEG, ResultKind.SC)
-
-_FILE_NAMES = {ResultKind.SEG: "seg.dcm", ResultKind.SC: "overlay.dcm", ResultKind.SR: "sr.dcm"}
-
-
-def result_path(job_id: int, kind: ResultKind) -> PurePosixPath:
-    """Where a job's result of ``kind`` is written, relative to the data folder."""
-    return PurePosixPath("results") / f"{job_id:09d}" / _FILE_NAMES[kind]
-
 
 def encode_kinds(kinds: Iterable[ResultKind]) -> str:
     """The kinds as stored on a delivery row: ``"seg,sc,sr"``, in sending order."""

@@ -8,6 +8,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 
+from pneumonode.datafolder import (
+    PARTIAL_SUFFIX,
+    incoming_dir,
+    is_result_folder,
+    is_spool_day,
+    spool_day,
+    spool_dir,
+)
 from pneumonode.queue.admin import QueueAdmin
 from pneumonode.queue.records import JobView
 
@@ -15,9 +23,6 @@ LOGGER = logging.getLogger(__name__)
 
 PURGE_BATCH = 200
 """Jobs deleted per transaction."""
-
-_DAY_FORMAT = "%Y%m%d"
-
 
 @dataclass(frozen=True)
 class PurgeReport:
@@ -45,7 +50,7 @@ class _FileRemover:
             return
         self.removed += 1
         parent = path.parent
-        if parent != self.root and parent.parent.name == "results":
+        if parent != self.root and is_result_folder(parent):
             try:
                 parent.rmdir()
             except OSError:
@@ -72,17 +77,17 @@ def _sweep_spool(repository: QueueAdmin, remover: _FileRemover, cutoff: datetime
     They are left by a crash between the spool write and the job commit, or by a duplicate
     whose removal failed. Files of days before the cutoff are past the race with intake.
     """
-    spool = remover.root / "spool"
+    spool = spool_dir(remover.root)
     if not spool.is_dir():
         return
-    incoming = spool / "incoming"
+    incoming = incoming_dir(remover.root)
     if incoming.is_dir():
-        for partial in incoming.glob("*.part"):
+        for partial in incoming.glob(f"*{PARTIAL_SUFFIX}"):
             if _older_than(partial, cutoff):
                 remover.remove(str(partial.relative_to(remover.root)))
-    cutoff_day = cutoff.strftime(_DAY_FORMAT)
+    cutoff_day = spool_day(cutoff)
     for day in sorted(spool.iterdir()):
-        if not day.is_dir() or not day.name.isdigit() or len(day.name) != 8:
+        if not day.is_dir() or not is_spool_day(day.name):
             continue
         if day.name >= cutoff_day:
             continue

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,9 +17,9 @@ from pydicom.uid import generate_uid
 from sqlalchemy.exc import SQLAlchemyError
 
 from pneumonode.claims import HeldClaims
+from pneumonode.datafolder import PARTIAL_SUFFIX, result_path, write_durably
 from pneumonode.dicom.instance import read_instance
 from pneumonode.dicom.pixels import DecodedImage, PixelError, decode
-from pneumonode.durable import fsync_path
 from pneumonode.findings import Finding
 from pneumonode.inference.predictor import Predictor
 from pneumonode.observer import NodeObserver, NullObserver
@@ -35,7 +34,7 @@ from pneumonode.queue.records import (
     ResultUIDs,
     StaleTransition,
 )
-from pneumonode.results import ResultKind, result_path
+from pneumonode.results import ResultKind
 from pneumonode.routing import delivery_targets
 from pneumonode.settings import Settings
 
@@ -44,18 +43,13 @@ LOGGER = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
-def _write_durably(path: Path, ds: Dataset) -> None:
-    """Write a DICOM file via a temporary name, fsync, rename: never a half-written result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
-    try:
-        ds.save_as(tmp, enforce_file_format=True)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # no half-written file is left behind
-        raise
-    fsync_path(path.parent, directory=True)
+def _write_result(path: Path, ds: Dataset) -> None:
+    """Write a result object; see :func:`write_durably`: never a half-written result."""
+    write_durably(
+        path,
+        lambda partial: ds.save_as(partial, enforce_file_format=True),
+        path.with_name(path.name + PARTIAL_SUFFIX),
+    )
 
 
 def _relative(paths: dict[ResultKind, PurePosixPath], kind: ResultKind) -> str | None:
@@ -389,7 +383,7 @@ class Worker:
                 )
             for kind, dataset in objects.items():
                 paths[kind] = result_path(job.id, kind)
-                _write_durably(self._data_dir / paths[kind], dataset)
+                _write_result(self._data_dir / paths[kind], dataset)
         except Exception as exc:  # output building or writing failed: retry the job
             LOGGER.exception("job %d: writing results failed", job.id)
             self._fail(job, f"writing results failed: {type(exc).__name__}: {exc}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -18,8 +19,14 @@ from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException
 from sqlalchemy.exc import SQLAlchemyError
 
+from pneumonode.datafolder import (
+    PARTIAL_SUFFIX,
+    incoming_dir,
+    spool_day,
+    spool_dir,
+    write_durably,
+)
 from pneumonode.dicom.instance import CommandIdentity, meta_elements_in_dataset, read_instance
-from pneumonode.durable import fsync_path
 from pneumonode.identifiers import is_valid_uid
 from pneumonode.observer import NodeObserver, NullObserver
 from pneumonode.queue.jobs import JobTransitions
@@ -176,40 +183,19 @@ class Intake:
         on_queued: Callable[[], None] | None = None,
         observer: NodeObserver | None = None,
     ) -> None:
-        self._spool = data_dir / "spool"
-        self._incoming = self._spool / "incoming"
+        self._data_dir = data_dir
+        self._incoming = incoming_dir(data_dir)
         self._repository = repository
         self._on_queued = on_queued
         self._observer: NodeObserver = observer or NullObserver()
         self._incoming.mkdir(parents=True, exist_ok=True)
 
-    def _day_dir(self) -> Path:
-        day = self._spool / datetime.now(UTC).strftime("%Y%m%d")
-        if not day.is_dir():
-            day.mkdir(parents=True, exist_ok=True)
-            fsync_path(self._spool, directory=True)
-        return day
-
     def _write_durably(self, encoded: bytes) -> Path:
-        """Write to a temporary file, fsync it, rename it into the spool, fsync the folder."""
+        """Write the instance into today's spool folder; see :func:`write_durably`."""
         name = f"{uuid.uuid4().hex}.dcm"
-        tmp = self._incoming / (name + ".part")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            view = memoryview(encoded)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        day = self._day_dir()
-        final = day / name
-        os.rename(tmp, final)
-        fsync_path(day, directory=True)
+        final = spool_dir(self._data_dir) / spool_day(datetime.now(UTC)) / name
+        partial = self._incoming / (name + PARTIAL_SUFFIX)
+        write_durably(final, functools.partial(_write_new_file, encoded), partial)
         return final
 
     def receive(
@@ -272,7 +258,7 @@ class Intake:
                 return IntakeResult(
                     Status.OUT_OF_RESOURCES, Outcome.REFUSED, None, f"spool write failed: {exc}"
                 )
-            spool_rel = str(spool_path.relative_to(self._spool.parent))
+            spool_rel = str(spool_path.relative_to(self._data_dir))
         new = NewJob(
             sop_instance_uid=sop_uid,
             sop_class_uid=str(header.SOPClassUID),
@@ -288,12 +274,12 @@ class Intake:
         except SQLAlchemyError as exc:
             LOGGER.error("cannot record job for SOP Instance %s: %s", sop_uid, exc)
             if spool_rel is not None:
-                (self._spool.parent / spool_rel).unlink(missing_ok=True)
+                (self._data_dir / spool_rel).unlink(missing_ok=True)
             return IntakeResult(
                 Status.OUT_OF_RESOURCES, Outcome.REFUSED, None, "job database unavailable"
             )
         if result.unused_spool_path is not None:
-            (self._spool.parent / result.unused_spool_path).unlink(missing_ok=True)
+            (self._data_dir / result.unused_spool_path).unlink(missing_ok=True)
         if not result.created and not result.reopened:
             LOGGER.info("SOP Instance %s already known as job %d", sop_uid, result.job_id)
             return IntakeResult(Status.SUCCESS, Outcome.DUPLICATE, result.job_id)
@@ -340,3 +326,15 @@ def _command_mismatch(header: Dataset, command: CommandIdentity | None) -> str |
             shown = expected if is_valid_uid(expected.strip()) else "(an invalid UID)"
             return f"the data set's {keyword} {found} differs from the request's {shown}"
     return None
+
+
+def _write_new_file(encoded: bytes, path: Path) -> None:
+    """Write ``encoded`` to a new file readable by the node's group only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        view = memoryview(encoded)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+    finally:
+        os.close(fd)
