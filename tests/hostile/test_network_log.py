@@ -25,7 +25,7 @@ CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
 FORGED_AE = b"A\nFORGED\x1b[2J\x00XY"
 #: An Affected SOP Instance UID that would write a forged record and clear the screen.
 FORGED_UID = b"1.2.3\n2026-01-01 00:00:00,000 INFO pneumonode forged\x1b[2J\x00"
-#: Start of a record as the node writes it (cli._configure_logging).
+#: Start of a record as the node writes it (pneumonode.cli.common.configure_logging).
 RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
 
 
