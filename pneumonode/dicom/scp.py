@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import shutil
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from io import BytesIO
@@ -18,12 +17,12 @@ from typing import Any
 
 import pydicom.uid as pduid
 from pydicom.pixels.decoders.base import get_decoder
-from pynetdicom import AE, evt
-from pynetdicom.association import Association
+from pynetdicom import AE, evt, sop_class
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
+from pneumonode.dicom.access import AccessPolicy, handle_requested
 from pneumonode.dicom.instance import (
     CommandIdentity,
     InstanceTooLarge,
@@ -38,32 +37,27 @@ from pneumonode.dicom.wire_limits import (
     BoundedRequestHandler,
     ConnectionGate,
     WireLimits,
-    slot_holders,
 )
 from pneumonode.identifiers import is_valid_uid
 from pneumonode.settings import Settings
 
 LOGGER = logging.getLogger(__name__)
 
-VERIFICATION = "1.2.840.10008.1.1"
-
-#: A-ASSOCIATE-RJ: rejected-permanent, by the service user, "calling AE title not recognized".
-REJECT_CALLING_AE = (0x01, 0x01, 0x03)
-#: A-ASSOCIATE-RJ: rejected-transient, by the service provider (presentation), "local limit
-#: exceeded", as pynetdicom itself answers beyond ``maximum_associations``.
-REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: The Verification SOP Class (pynetdicom generates its SOP class names when imported).
+VERIFICATION: str = sop_class.Verification  # type: ignore[attr-defined]
 
 MIB = 1024 * 1024
 
 #: Storage SOP classes the node accepts: the projection radiography classes and Secondary Capture
 #: (whose Modality must then be CR or DX; SIIM challenge files are such SC objects).
 ACCEPTED_SOP_CLASSES: dict[str, str] = {
-    "1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image Storage",
-    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
-    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+    str(uid): uid.name
+    for uid in (
+        pduid.ComputedRadiographyImageStorage,
+        pduid.DigitalXRayImageStorageForPresentation,
+        pduid.DigitalXRayImageStorageForProcessing,
+        pduid.SecondaryCaptureImageStorage,
+    )
 }
 
 
@@ -101,127 +95,6 @@ def handle_conn_open(event: Event) -> None:
     transport = event.assoc.dul.socket
     if transport is not None and transport.socket is not None:
         set_nodelay(transport.socket)
-
-
-def _ip(text: str) -> IPAddress | None:
-    """The address in ``text`` (IPv6 zone removed, IPv4-mapped IPv6 as IPv4), or None."""
-    try:
-        address = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-def resolve_host(host: str) -> frozenset[IPAddress]:
-    """Every address of ``host`` (an IPv4/IPv6 literal or a name); empty when it cannot resolve."""
-    literal = _ip(host)
-    if literal is not None:
-        return frozenset({literal})
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (OSError, UnicodeError) as exc:
-        LOGGER.warning("cannot resolve peer host %r: %s; that peer cannot associate", host, exc)
-        return frozenset()
-    found = {_ip(str(info[4][0])) for info in infos}
-    return frozenset(a for a in found if a is not None)
-
-
-class AccessPolicy:
-    """Who may associate: an allowlist of calling AE titles, optionally bound to source addresses.
-
-    Parameters
-    ----------
-    allowed_calling_aets:
-        Calling AE titles allowed; empty allows any (unless ``peer_addresses`` is given).
-    peer_addresses:
-        When given, the calling AE title must be a key and the connection must come from one of
-        its addresses (``node.check_peer_host``).
-    """
-
-    def __init__(
-        self,
-        allowed_calling_aets: Iterable[str] = (),
-        peer_addresses: Mapping[str, frozenset[IPAddress]] | None = None,
-    ) -> None:
-        self._allowed = frozenset(a.strip() for a in allowed_calling_aets)
-        self._peers = None if peer_addresses is None else dict(peer_addresses)
-
-    @classmethod
-    def from_settings(
-        cls, settings: Settings, resolve: Callable[[str], frozenset[IPAddress]] = resolve_host
-    ) -> AccessPolicy:
-        """The policy of ``[node]`` and ``[[peers]]``; peer host names are resolved once, here."""
-        peers: dict[str, frozenset[IPAddress]] | None = None
-        if settings.node.check_peer_host:
-            peers = {p.ae_title: resolve(p.host) for p in settings.peers}
-        return cls(settings.node.allowed_calling_aets, peers)
-
-    def refusal(self, calling_aet: str, address: str) -> str | None:
-        """Why an association from ``calling_aet`` at ``address`` is refused, or None."""
-        calling = calling_aet.strip()
-        if self._allowed and calling not in self._allowed:
-            return f"calling AE title {calling!r} is not in node.allowed_calling_aets"
-        if self._peers is None:
-            return None
-        if calling not in self._peers:
-            return f"calling AE title {calling!r} is not a [[peers]] entry (node.check_peer_host)"
-        source = _ip(address)
-        if source is None or source not in self._peers[calling]:
-            return (
-                f"calling AE title {calling!r} connected from {address}, not from its [[peers]] "
-                "host (node.check_peer_host)"
-            )
-        return None
-
-
-def handle_requested(event: Event, policy: AccessPolicy | Callable[[], AccessPolicy]) -> None:
-    """Reject an association request that the access policy refuses, before negotiation, or
-    that finds every association slot taken.
-
-    ``policy`` is the policy, or a function returning the one in force (it may be reloaded).
-    The rejection is permanent with the reason "calling AE title not recognized" (PS3.8 9.3.4).
-    A request that cannot be checked is rejected too. Beyond ``node.max_associations`` the
-    rejection is transient, "local limit exceeded", logged with the peers holding the slots.
-    """
-    assoc = event.assoc
-    address = str(assoc.requestor.address)
-    calling = "?"
-    try:
-        primitive = assoc.requestor.primitive
-        if primitive is None:
-            raise ValueError("no A-ASSOCIATE request primitive")
-        calling = str(primitive.calling_ae_title).strip()
-        current = policy if isinstance(policy, AccessPolicy) else policy()
-        refusal = current.refusal(calling, address)
-    except Exception:  # fail closed: an unchecked request must not get in
-        LOGGER.exception("cannot check the association request from %s", address)
-        refusal = "the association request could not be checked"
-    if refusal is None:
-        _reject_over_limit(assoc, address, calling)
-        return
-    LOGGER.warning("association from %s as %r rejected: %s", address, calling, refusal)
-    assoc.acse.send_reject(*REJECT_CALLING_AE)
-    assoc.kill()
-
-
-def _reject_over_limit(assoc: Association, address: str, calling: str) -> None:
-    """Reject ``assoc`` when more acceptors run than ``maximum_associations`` (pynetdicom's own
-    count, itself included), naming the holders; pynetdicom would reject it without a word."""
-    acceptors = [a for a in assoc.ae.active_associations if a.is_acceptor]
-    if len(acceptors) <= assoc.ae.maximum_associations:
-        return
-    LOGGER.warning(
-        "association from %s as %r rejected: local limit exceeded (node.max_associations = %d); "
-        "slots held by: %s",
-        address,
-        calling,
-        assoc.ae.maximum_associations,
-        slot_holders(a for a in acceptors if a is not assoc),
-    )
-    assoc.acse.send_reject(*REJECT_LOCAL_LIMIT)
-    assoc.kill()
 
 
 @dataclass(frozen=True)
@@ -358,8 +231,8 @@ def build_ae(settings: Settings) -> AE:
     ae.require_calling_aet = list(node.allowed_calling_aets)
     syntaxes = decodable_transfer_syntaxes()
     ae.add_supported_context(VERIFICATION)
-    for sop_class in ACCEPTED_SOP_CLASSES:
-        ae.add_supported_context(sop_class, syntaxes)
+    for uid in ACCEPTED_SOP_CLASSES:
+        ae.add_supported_context(uid, syntaxes)
     return ae
 
 

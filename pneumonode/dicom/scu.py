@@ -13,6 +13,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from pneumonode.dicom.reactor import quiesce_reactor
 from pneumonode.dicom.scp import VERIFICATION, handle_conn_open
@@ -60,10 +61,8 @@ class StoreOutcome:
 
     @property
     def ok(self) -> bool:
-        """Success or warning (0xB000-0xBFFF, 0x0107, 0x0116) both mean the peer kept it."""
-        return self.status == 0x0000 or self.status in (0x0107, 0x0116) or (
-            0xB000 <= self.status <= 0xBFFF
-        )
+        """Success or warning (as ``code_to_category`` reads PS3.7 C.4): the peer kept it."""
+        return code_to_category(self.status) in (STATUS_SUCCESS, STATUS_WARNING)
 
 
 def _make_ae(calling_ae: str, timeouts: Timeouts) -> AE:

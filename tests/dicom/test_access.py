@@ -15,15 +15,14 @@ import synthetic
 from harness import free_port, storescu
 from pynetdicom import AE
 
-from pneumonode.dicom.intake import Intake
-from pneumonode.dicom.scp import (
+from pneumonode.dicom.access import (
     REJECT_CALLING_AE,
-    VERIFICATION,
     AccessPolicy,
-    DicomServer,
     handle_requested,
     resolve_host,
 )
+from pneumonode.dicom.intake import Intake
+from pneumonode.dicom.scp import VERIFICATION, DicomServer
 from pneumonode.queue.db import create_schema, make_engine
 from pneumonode.queue.repository import JobRepository
 from pneumonode.settings import ConfigError, Settings, load_settings
