@@ -156,11 +156,6 @@ class Predictor:
         """
         return cls(load_package(Path(package)))
 
-    @property
-    def package_path(self) -> Path:
-        """Folder the package was loaded from."""
-        return self._package.path
-
     def prepare(self, image: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Turn one display-sense image in [0, 1] into a model input ``(size, size, channels)``.
 

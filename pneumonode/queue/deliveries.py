@@ -88,6 +88,11 @@ class DeliveryTransitions(QueueReads):
                     worker_id, f"claimed, attempt {delivery.attempts}",
                     destination=delivery.destination,
                 )
+        for delivery in claimed:
+            logger.info(
+                "job %d: delivery %d to %s claimed by %s, attempt %d",
+                delivery.job_id, delivery.id, delivery.destination, worker_id, delivery.attempts,
+            )
         return claimed
 
     def heartbeat_delivery(
