@@ -58,6 +58,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
 
+from pneumonode.identifiers import is_valid_uid
+
 __all__ = [
     "patient_orientation",
     "pixel_spacing",
@@ -89,7 +91,6 @@ _TEXTS: Final = {
 }
 _MULTI_TEXTS: Final = {"SoftwareVersions": 64}
 _MAX_VALUES = 16
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 _DATETIME = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
@@ -124,9 +125,9 @@ def source_metadata(source: Dataset) -> Dataset:
     meta = Dataset()
     for keyword in _REQUIRED_UIDS:
         value = _single_text(source.get(keyword))
-        if not value or len(value) > 64 or not _UID.match(value):
+        if not is_valid_uid(value):
             raise ValueError(
-                f"rule: the source must have a valid {keyword} (at most 64 digits and dots) to "
+                f"rule: the source must have a valid {keyword} (a DICOM UID, PS3.5 9.1) to "
                 f"derive results; it is {'absent' if not value else 'malformed'} (SOP {sop_uid})"
             )
         setattr(meta, keyword, value)
@@ -257,7 +258,7 @@ def quiet_person_name_warnings() -> Iterator[None]:
 
 def _sop_uid(source: Dataset) -> str:
     value = _single_text(source.get("SOPInstanceUID"))
-    if value and len(value) <= 64 and _UID.match(value):
+    if is_valid_uid(value):
         return value
     return "<no valid SOP Instance UID>"
 
