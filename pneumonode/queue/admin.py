@@ -194,7 +194,6 @@ class QueueAdmin(QueueReads):
                     f"jobs {ids}: purge expected {len(ids)} finished rows, deleted "
                     f"{result.rowcount}"
                 )
-        logger.info("purged %d finished jobs (ended before %s)", len(jobs), cutoff.isoformat())
         return jobs
 
 

@@ -397,7 +397,6 @@ class JobTransitions(EngineBound):
             if new.skip_reason is not None:
                 detail += f"; skipped: {new.skip_reason}"
             add_event(conn, job_id, at, job.state, to, actor, detail)
-        logger.info("job %d: %s, now %s", job_id, detail, to)
         return EnqueueResult(
             job_id,
             created=False,
