@@ -62,11 +62,6 @@ class EngineBound:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    @property
-    def engine(self) -> Engine:
-        """The engine this part of the queue works through."""
-        return self._engine
-
 
 def view(view_class: type[_ViewT], row: RowMapping) -> _ViewT:
     """The frozen snapshot ``view_class`` of one row."""

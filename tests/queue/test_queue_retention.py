@@ -16,8 +16,8 @@ LATER = T0 + timedelta(days=31)
 ONCE = RetryPolicy(max_attempts=1, base_delay_s=1, max_delay_s=1)
 
 
-def _rows(repo, model, job_id: int) -> int:
-    with read_transaction(repo.engine) as conn:
+def _rows(engine, model, job_id: int) -> int:
+    with read_transaction(engine) as conn:
         return int(conn.execute(
             select(func.count()).select_from(model).where(model.job_id == job_id)
         ).scalar_one())
@@ -30,7 +30,7 @@ def _done(kit, n: int) -> int:
     return job_id
 
 
-def test_finished_jobs_go_with_their_deliveries_and_events(kit) -> None:
+def test_finished_jobs_go_with_their_deliveries_and_events(kit, engine) -> None:
     done = _done(kit, 1)
     skipped = kit.repo.enqueue(kit.new_job(2, skip_reason="not chest"), now=T0).job_id
     failed = kit.processing(3)
@@ -42,7 +42,7 @@ def test_finished_jobs_go_with_their_deliveries_and_events(kit) -> None:
     assert {j.state for j in purged} == {JobState.DONE, JobState.SKIPPED, JobState.FAILED}
     for job_id in (done, skipped, failed.id):
         assert kit.repo.get_job(job_id) is None
-        assert _rows(kit.repo, Delivery, job_id) == _rows(kit.repo, JobEvent, job_id) == 0
+        assert _rows(engine, Delivery, job_id) == _rows(engine, JobEvent, job_id) == 0
     assert kit.repo.get_job(waiting) is not None
 
 

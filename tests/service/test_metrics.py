@@ -188,11 +188,12 @@ def test_metrics_are_per_node_and_count_what_they_observe(tmp_path: Path) -> Non
 
 
 def test_queue_gauges_say_database_down_instead_of_failing(tmp_path: Path) -> None:
-    repo = _repository(tmp_path)
-    metrics = NodeMetrics(repo)
+    engine = make_engine(f"sqlite:///{tmp_path / 'q.db'}")
+    upgrade(engine)
+    metrics = NodeMetrics(JobRepository(engine))
     (tmp_path / "q.db").unlink()
     (tmp_path / "q.db").mkdir()  # the file is now a folder: every connection fails
-    repo.engine.dispose()
+    engine.dispose()
     scraped = generate_latest(metrics.registry).decode()
     assert metric_value(scraped, "pneumonode_database_up") == 0
     assert "pneumonode_jobs{" not in scraped

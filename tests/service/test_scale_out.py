@@ -67,7 +67,8 @@ def test_three_nodes_process_300_images_exactly_once(
             # takes it); the send then waits for the DIMSE timeout and is retried.
             "PNEUMONODE_DELIVERY__DIMSE_TIMEOUT_S": "3",
         }))
-    repo = JobRepository(make_engine(pg_database))
+    engine = make_engine(pg_database)
+    repo = JobRepository(engine)
     try:
         with ThreadPoolExecutor(NODES) as pool:  # the three start (import TensorFlow) at once
             list(pool.map(lambda node: node.start(), nodes))
@@ -97,7 +98,7 @@ def test_three_nodes_process_300_images_exactly_once(
     jobs = repo.list_jobs(limit=10 * IMAGES)
     assert {j.sop_instance_uid for j in jobs} == sent_uids
     assert {j.attempts for j in jobs} == {1}
-    with repo.engine.connect() as conn:
+    with engine.connect() as conn:
         claims = conn.execute(
             select(JobEvent.job_id, func.count(), func.min(JobEvent.actor))
             .where(
