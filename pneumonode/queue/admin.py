@@ -1,5 +1,4 @@
-"""What operators and the scheduler do to the queue: retry, resend, take back expired claims
-(with the retry budget), purge finished jobs."""
+"""What operators and the scheduler do: retry, resend, take back expired claims, purge."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""A delivery's way to its destination: claim in destination order, heartbeat, succeed, fail;
-and the job settled once its deliveries have ended."""
+"""A delivery's way out: claim in destination order, heartbeat, succeed, fail; the job settled."""
 
 from __future__ import annotations
 

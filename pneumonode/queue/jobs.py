@@ -1,5 +1,4 @@
-"""A job's way through processing: enqueue (with the resend policy), claim, heartbeat, results,
-skip, fail."""
+"""A job's way through processing: enqueue (resend policy), claim, heartbeat, results, fail."""
 
 from __future__ import annotations
 
