@@ -67,7 +67,8 @@ def test_limits_follow_the_settings() -> None:
     assert limits.pdu_limit(0x04, first=False)[0] == 32768
     assert limits.pdu_limit(0x05, first=False)[0] == 64 * 1024
     unlimited = WireLimits.from_settings(Settings(node={"max_pdu_length": 0}))
-    assert unlimited.pdu_limit(0x04, first=False) == (1024 * MIB, "twice node.max_instance_mb")
+    twice = 2 * Settings().node.max_instance_mb * MIB
+    assert unlimited.pdu_limit(0x04, first=False) == (twice, "twice node.max_instance_mb")
 
 
 def test_declared_length_over_the_limit_is_refused_unread(
