@@ -19,7 +19,7 @@ TERMINAL = {"done", "skipped", "failed"}
 #: What may lie under the data folder; anything else (a UID turned into a path) fails the test.
 ALLOWED_PATHS = re.compile(
     r"^(pneumonode\.db(-wal|-shm)?|spool|spool/incoming|spool/\d{8}|spool/\d{8}/[0-9a-f]{32}\.dcm"
-    r"|results|results/\d{9}|results/\d{9}/(seg|overlay)\.dcm)$"
+    r"|results|results/\d{9}|results/\d{9}/(seg|overlay|sr)\.dcm)$"
 )
 
 pytestmark = pytest.mark.slow
