@@ -62,13 +62,18 @@ def test_corpus_gets_documented_outcomes_and_node_keeps_serving(
     assert store_raw(hostile_node.port, repeated, tmp_path) == "status:0x0000"
     acknowledged = {c.sop_instance_uid for c in cases if answers[c.name] == "status:0x0000"}
     repo = hostile_node.repo
+    ours = {c.sop_instance_uid for c in cases}  # other tests share this node
+
+    def corpus_jobs() -> dict[str, JobView]:
+        return {j.sop_instance_uid: j for j in repo.list_jobs(limit=10_000)
+                if j.sop_instance_uid in ours}
 
     def settled() -> bool:
-        jobs = repo.list_jobs(limit=1000)
-        return len(jobs) >= len(acknowledged) and all(j.state in TERMINAL for j in jobs)
+        jobs = corpus_jobs()
+        return len(jobs) >= len(acknowledged) and all(j.state in TERMINAL for j in jobs.values())
 
     wait_for(settled, 180, "every acknowledged case to end done, skipped or failed")
-    jobs = {j.sop_instance_uid: j for j in repo.list_jobs(limit=1000)}
+    jobs = corpus_jobs()
     actual = {c.name: _outcome(answers[c.name], jobs.get(c.sop_instance_uid)) for c in cases}
     wrong = {c.name: (c.expected, actual[c.name]) for c in cases
              if not _matches(c.expected, actual[c.name])}
