@@ -222,6 +222,7 @@ class Node:
                     )
                 else:
                     continue
+                held = worker.held_jobs()
                 worker.abandon()
                 self._generation += 1
                 new = self._make_worker(f"w{index}.{self._generation}")
@@ -231,7 +232,7 @@ class Node:
                     worker.worker_id,
                     reason,
                     detail,
-                    worker.held_jobs() or "none",
+                    held or "none",
                     new.worker_id,
                 )
                 self._workers[index] = new
