@@ -132,7 +132,7 @@ def test_three_nodes_process_300_images_exactly_once(
     resent_jobs = {j.id for j in jobs for d in repo.deliveries(j.id) if d.attempts > 1}
     for uid, count in copies.items():
         if count > 1:
-            job = next(j for j in jobs if uid in (j.seg_sop_uid, j.sc_sop_uid))
+            job = next(j for j in jobs if uid in (j.seg_sop_uid, j.sc_sop_uid, j.sr_sop_uid))
             assert job.id in resent_jobs, f"{uid} arrived {count} times, sent once"
     for node in nodes:
         assert "Traceback" not in node.log.read_text(errors="replace"), node.tail()
