@@ -30,7 +30,9 @@ SIIM_DICOM = SHARED_DATA / "siim-sample" / "dicom"
 #: DCMTK peers read TCP_NODELAY from the environment; every peer here runs with it.
 PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
 #: Order of the sections in RESULTS.md.
-RESULT_ORDER = ("ingest", "sending", "latency", "inference", "gpu_inference")
+RESULT_ORDER = (
+    "ingest", "sending", "latency", "pipeline", "inference", "gpu_inference", "gpu_pipeline"
+)
 
 
 class BenchmarkError(RuntimeError):
@@ -481,6 +483,76 @@ class Orthanc:
             return int(json.loads(response.read())["CountInstances"])
 
 
+class SinkSCP:
+    """A pynetdicom receiver of every storage SOP class and transfer syntax, for machines
+    without DCMTK: each data set written as it came (``<SOP Instance UID>.dcm``, no file meta,
+    no fsync), under a temporary name first so that a counted file is complete.
+
+    Runs ``python benchmarks/_common.py sink PORT FOLDER`` in a subprocess.
+    """
+
+    def __init__(self, folder: Path, port: int, ae_title: str = "STORESCP") -> None:
+        self.folder = folder
+        self.port = port
+        self.ae_title = ae_title
+        self.proc: subprocess.Popen[bytes] | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> SinkSCP:
+        """Start listening."""
+        log = self.folder.parent / f"sink-{self.port}.log"
+        with log.open("ab") as fh:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "sink", "--port", str(self.port),
+                 "--folder", str(self.folder), "--ae", self.ae_title],
+                stdout=fh, stderr=subprocess.STDOUT,
+            )
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise BenchmarkError(f"the pynetdicom sink exited with {proc.returncode}: {log}")
+            return port_open(self.port)
+
+        wait_for(ready, 60, "the pynetdicom sink to listen")
+        return self
+
+    def stop(self) -> None:
+        """Terminate it."""
+        _terminate(self.proc)
+
+    def files(self) -> list[Path]:
+        """Every complete file received so far."""
+        return sorted(p for p in self.folder.iterdir() if p.is_file() and p.suffix == ".dcm")
+
+
+def serve_sink(port: int, folder: Path, ae_title: str) -> None:
+    """The body of :class:`SinkSCP`: listen on loopback until terminated."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def nodelay(event: Any) -> None:
+        transport = event.assoc.dul.socket
+        if transport is not None and transport.socket is not None:
+            transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def store(event: Any) -> int:
+        name = str(event.request.AffectedSOPInstanceUID)
+        partial = folder / f".{name}.part"
+        partial.write_bytes(event.request.DataSet.getvalue())
+        os.replace(partial, folder / f"{name}.dcm")
+        return 0x0000
+
+    ae = AE(ae_title=ae_title)
+    ae.maximum_pdu_size = 0
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    ae.start_server(("127.0.0.1", port), block=True,
+                    evt_handlers=[(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_C_STORE, store)])
+
+
 #: storescu's option that proposes a compressed transfer syntax (with the uncompressed ones).
 STORESCU_PROPOSE = {
     "1.2.840.10008.1.2.4.50": "-xy",
@@ -701,12 +773,20 @@ def transfer_syntax(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python benchmarks/_common.py rebuild``: regenerate RESULTS.md from results/*.md."""
+    """``rebuild``: regenerate RESULTS.md from results/*.md; ``sink``: see :class:`SinkSCP`."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("action", choices=["rebuild"])
-    parser.parse_args(argv)
+    parser.add_argument("action", choices=["rebuild", "sink"])
+    parser.add_argument("--port", type=int, help="sink: loopback port")
+    parser.add_argument("--folder", type=Path, help="sink: where received files go")
+    parser.add_argument("--ae", default="STORESCP", help="sink: AE title (default STORESCP)")
+    args = parser.parse_args(argv)
+    if args.action == "sink":
+        if args.port is None or args.folder is None:
+            parser.error("sink needs --port and --folder")
+        serve_sink(args.port, args.folder, args.ae)
+        return 0
     rebuild_results_file()
     say(f"rebuilt {results_file()}")
     return 0
