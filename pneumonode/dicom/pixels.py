@@ -6,8 +6,10 @@ The pipeline follows the DICOM grayscale rendering chain (PS3.3 C.11, PS3.4 N.2.
    *before* any pixel data is decompressed: no Pixel Data, multi-frame, colour, a pixel matrix
    larger than ``max_pixels`` (a decompression bomb), or a transfer syntax without an installed
    decoder.
-2. Decode with pydicom's pixel handlers (pylibjpeg, openjpeg, pyjpegls, Pillow), which apply
-   Bits Stored and Pixel Representation (signed data are sign-extended).
+2. Decode: JPEG Baseline and JPEG 2000 frames with libjpeg-turbo or OpenJPEG directly
+   (:mod:`pneumonode.dicom.frames`), anything else with pydicom's pixel handlers (pylibjpeg,
+   openjpeg, pyjpegls, Pillow), which apply Bits Stored and Pixel Representation (signed data
+   are sign-extended).
 3. Modality LUT: Rescale Slope/Intercept or a Modality LUT Sequence
    (:func:`pydicom.pixels.apply_modality_lut`).
 4. VOI, the first that applies:
@@ -24,6 +26,11 @@ The pipeline follows the DICOM grayscale rendering chain (PS3.3 C.11, PS3.4 N.2.
 
 5. MONOCHROME1 is inverted (``1 - value``) so that 0 is always black on display. Presentation
    LUT Shape is not applied a second time: for MONOCHROME1 its ``INVERSE`` is that same inversion.
+
+Steps 3 to 5 map each stored value to one display value (the automatic window reads the image's
+percentiles first), so for integer pixels they are computed in float64 once per value between
+the image's minimum and maximum (at most 65536) and applied by one float32 look-up: the same
+values, to the bit, as computing every pixel, in a fraction of the time and memory.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +50,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.processing import apply_modality_lut, apply_voi
 
 from pneumonode.dicom.codestream import CodestreamError, check_frame
+from pneumonode.dicom.frames import FrameLayout, decode_frame
 
 __all__ = ["DecodedImage", "PixelError", "decode"]
 
@@ -51,6 +60,11 @@ _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 _AUTO_PERCENTILES = (0.5, 99.5)
 _AUTO_SAMPLE_LIMIT = 4_000_000
+#: Integer images whose values span fewer than this are rendered through a table (16 bits).
+_MAX_LUT_ENTRIES = 1 << 16
+
+#: The rescaled values of the image's pixels sampled for the automatic window (see _render).
+Sample = Callable[[npt.NDArray[np.float64]], npt.NDArray[np.float64]]
 #: What pydicom raises for a malformed LUT (descriptor, data, VR): the LUT cannot be used.
 _LUT_ERRORS = (
     AttributeError,
@@ -129,8 +143,68 @@ def decode(ds: pydicom.Dataset, *, max_pixels: int = 60_000_000) -> DecodedImage
     """
     uid = str(ds.get("SOPInstanceUID", "<no SOP Instance UID>"))
     _check_header(ds, uid, max_pixels)
-    _check_codestream(ds, uid)
-    stored = _decode_stored(ds, uid)
+    frame = _check_codestream(ds, uid)
+    stored = _decode_stored(ds, uid, frame)
+    if stored.dtype.kind in "iu" and stored.size:
+        low, high = int(stored.min()), int(stored.max())
+        if high - low < _MAX_LUT_ENTRIES:
+            return DecodedImage(
+                image=_render_through_table(stored, low, high, ds, uid),
+                pixel_spacing_mm=_pixel_spacing(ds),
+            )
+    return DecodedImage(
+        image=_render(stored, ds, uid, _own_sample),
+        pixel_spacing_mm=_pixel_spacing(ds),
+    )
+
+
+def _sample_step(pixels: int) -> int:
+    """Every how many rows and columns the automatic window samples an image of ``pixels``."""
+    return max(1, math.isqrt(pixels // _AUTO_SAMPLE_LIMIT + 1))
+
+
+def _own_sample(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """The automatic window's sample when ``values`` are the image's own rescaled pixels."""
+    step = _sample_step(values.size)
+    return values[::step, ::step]
+
+
+def _render_through_table(
+    stored: npt.NDArray[Any], low: int, high: int, ds: pydicom.Dataset, uid: str
+) -> npt.NDArray[np.float32]:
+    """Render integer pixels by one look-up: the chain computed once per stored value.
+
+    Every step of the chain maps one value to one value, except the automatic window, which
+    reads percentiles of the image's own values (given to it from the image, not the table).
+    The table holds, for each value from ``low`` to ``high``, exactly what the per-pixel
+    computation gives, so the result is the same to the bit, at the cost of one gather.
+    """
+    domain = np.arange(low, high + 1, dtype=np.int64).astype(stored.dtype)
+    offsets = stored if low == 0 else np.subtract(stored, low, dtype=np.int64)
+
+    step = _sample_step(offsets.size)
+
+    def image_sample(table: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        sample: npt.NDArray[np.float64] = table[offsets[::step, ::step]]
+        return sample
+
+    table = _render(domain, ds, uid, image_sample)
+    image: npt.NDArray[np.float32] = table[offsets]
+    return image
+
+
+def _render(
+    stored: npt.NDArray[Any],
+    ds: pydicom.Dataset,
+    uid: str,
+    image_sample: Sample,
+) -> npt.NDArray[np.float32]:
+    """Modality LUT, VOI and MONOCHROME1 on ``stored``, into float32 [0, 1].
+
+    ``image_sample`` gives, from the rescaled ``stored`` values, the rescaled values of an
+    evenly spread sample of the image's pixels (every ``step``-th row and column, see
+    :func:`_sample_step`); only the automatic window reads it.
+    """
     try:
         values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
     except (*_LUT_ERRORS, OverflowError) as exc:
@@ -144,22 +218,22 @@ def decode(ds: pydicom.Dataset, *, max_pixels: int = 60_000_000) -> DecodedImage
             f"{str(ds.get('RescaleSlope', ''))[:32]!r} and Intercept "
             f"{str(ds.get('RescaleIntercept', ''))[:32]!r} overflow (SOP {uid})"
         )
-    image = _apply_voi(values, ds, uid)
+    image = _apply_voi(values, ds, uid, image_sample)
     if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
         image = 1.0 - image
     if not np.isfinite(image).all():
         raise PixelError(f"rule: display values must be finite; the VOI made some NaN (SOP {uid})")
-    return DecodedImage(
-        image=np.clip(image, 0.0, 1.0).astype(np.float32),
-        pixel_spacing_mm=_pixel_spacing(ds),
-    )
+    return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
-def _check_codestream(ds: pydicom.Dataset, uid: str) -> None:
-    """Refuse compressed pixel data whose codestream declares another size than the header."""
+def _check_codestream(ds: pydicom.Dataset, uid: str) -> bytes | None:
+    """Refuse compressed pixel data whose codestream declares another size than the header.
+
+    Returns the frame's compressed bytes (None for native pixel data), checked.
+    """
     syntax = _transfer_syntax(ds)
     if syntax is None or not syntax.is_encapsulated:
-        return
+        return None
     try:
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     except (StopIteration, ValueError, TypeError, struct.error) as exc:
@@ -181,6 +255,7 @@ def _check_codestream(ds: pydicom.Dataset, uid: str) -> None:
         raise PixelError(
             f"rule: the compressed frame must match the header; {exc} (SOP {uid})"
         ) from exc
+    return frame
 
 
 def _check_header(ds: pydicom.Dataset, uid: str, max_pixels: int) -> None:
@@ -234,10 +309,15 @@ def _transfer_syntax(ds: pydicom.Dataset) -> pydicom.uid.UID | None:
     return None
 
 
-def _decode_stored(ds: pydicom.Dataset, uid: str) -> npt.NDArray[Any]:
+def _decode_stored(ds: pydicom.Dataset, uid: str, frame: bytes | None) -> npt.NDArray[Any]:
+    """The stored values of the one frame; ``frame`` is its compressed bytes, already checked."""
     syntax = _transfer_syntax(ds)
     if syntax is None:
         raise PixelError(f"rule: a Transfer Syntax UID is required in the file meta (SOP {uid})")
+    if frame is not None:
+        fast = decode_frame(syntax, frame, _frame_layout(ds))
+        if fast is not None:
+            return fast
     try:
         array, _ = get_decoder(syntax).as_array(ds, index=0)
     except (AttributeError, NotImplementedError, OSError, RuntimeError, ValueError) as exc:
@@ -253,8 +333,21 @@ def _decode_stored(ds: pydicom.Dataset, uid: str) -> npt.NDArray[Any]:
     return array
 
 
+def _frame_layout(ds: pydicom.Dataset) -> FrameLayout:
+    return FrameLayout(
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        bits_allocated=_int_or_none(ds.get("BitsAllocated")) or 0,
+        bits_stored=_int_or_none(ds.get("BitsStored")) or 0,
+        signed=_int_or_none(ds.get("PixelRepresentation")) == 1,
+    )
+
+
 def _apply_voi(
-    values: npt.NDArray[np.float64], ds: pydicom.Dataset, uid: str
+    values: npt.NDArray[np.float64],
+    ds: pydicom.Dataset,
+    uid: str,
+    image_sample: Sample,
 ) -> npt.NDArray[np.float64]:
     if ds.get("VOILUTSequence"):
         try:
@@ -284,7 +377,7 @@ def _apply_voi(
             width,
             function,
         )
-    return _auto_window(values, ds)
+    return _auto_window(values, ds, image_sample)
 
 
 def _voi_lut(values: npt.NDArray[np.float64], ds: pydicom.Dataset) -> npt.NDArray[np.float64]:
@@ -320,7 +413,11 @@ def _window(
     return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
 
 
-def _auto_window(values: npt.NDArray[np.float64], ds: pydicom.Dataset) -> npt.NDArray[np.float64]:
+def _auto_window(
+    values: npt.NDArray[np.float64],
+    ds: pydicom.Dataset,
+    image_sample: Sample,
+) -> npt.NDArray[np.float64]:
     bits_stored = _int_or_none(ds.get("BitsStored")) or 0
     unsigned = _int_or_none(ds.get("PixelRepresentation")) in (0, None)
     no_rescale = (
@@ -330,8 +427,7 @@ def _auto_window(values: npt.NDArray[np.float64], ds: pydicom.Dataset) -> npt.ND
     )
     if 0 < bits_stored <= 8 and unsigned and no_rescale:
         return np.clip(values / float(2**bits_stored - 1), 0.0, 1.0)
-    step = max(1, math.isqrt(values.size // _AUTO_SAMPLE_LIMIT + 1))
-    sample = values[::step, ::step]
+    sample = image_sample(values)
     low, high = (float(p) for p in np.percentile(sample, _AUTO_PERCENTILES))
     if high <= low:
         low, high = float(sample.min()), float(sample.max())
