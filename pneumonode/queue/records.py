@@ -188,6 +188,33 @@ class FindingRecord:
 
 
 @dataclass(frozen=True)
+class FinishedJob:
+    """One job of a batch whose processing ended: its finding and where its results go.
+
+    Parameters
+    ----------
+    job_id:
+        The job, ``processing`` under the worker's claim, its result UIDs reserved.
+    finding:
+        What processing found and where it wrote the outputs.
+    targets:
+        One per destination that takes the results (distinct destination names); empty when
+        none does.
+    """
+
+    job_id: int
+    finding: FindingRecord
+    targets: tuple[DeliveryTarget, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [target.destination for target in self.targets]
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"FinishedJob: destination names must be unique, got {names} (job {self.job_id})"
+            )
+
+
+@dataclass(frozen=True)
 class JobView:
     """A snapshot of one job row."""
 

@@ -35,6 +35,9 @@ JOBS = Job.metadata.tables[Job.__tablename__]
 DELIVERIES = Delivery.metadata.tables[Delivery.__tablename__]
 EVENTS = JobEvent.metadata.tables[JobEvent.__tablename__]
 
+_INSERT_EVENT = insert(EVENTS)
+"""Built once: the values come as parameters, so the compiled form is reused."""
+
 TERMINAL_DELIVERY_STATES = (DeliveryState.DONE, DeliveryState.FAILED)
 FINISHED_JOB_STATES = (JobState.DONE, JobState.SKIPPED, JobState.FAILED)
 
@@ -134,16 +137,37 @@ def add_event(
 ) -> None:
     """Append one row to the job's event log (``destination`` for delivery transitions)."""
     conn.execute(
-        insert(EVENTS).values(
-            job_id=job_id,
-            at=at,
-            from_state=None if from_state is None else str(from_state),
-            to_state=str(to_state),
-            actor=actor,
-            detail=detail,
-            destination=destination,
-        )
+        _INSERT_EVENT,
+        event_row(job_id, at, from_state, to_state, actor, detail, destination=destination),
     )
+
+
+def add_events(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Append several rows built by :func:`event_row` to the event log in one statement."""
+    if rows:
+        conn.execute(_INSERT_EVENT, list(rows))
+
+
+def event_row(
+    job_id: int,
+    at: datetime,
+    from_state: str | None,
+    to_state: str,
+    actor: str,
+    detail: str,
+    *,
+    destination: str | None = None,
+) -> dict[str, Any]:
+    """The values of one event row (see :func:`add_event`)."""
+    return {
+        "job_id": job_id,
+        "at": at,
+        "from_state": None if from_state is None else str(from_state),
+        "to_state": str(to_state),
+        "actor": actor,
+        "detail": detail,
+        "destination": destination,
+    }
 
 
 def guarded_update(

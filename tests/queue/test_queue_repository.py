@@ -75,21 +75,15 @@ def test_duplicate_sop_instance_uid_is_acknowledged_without_writing(kit) -> None
     assert kit.repo.counts_by_state()["received"] == 1
 
 
-def test_enqueue_race_is_decided_by_the_unique_constraint(kit, monkeypatch) -> None:
+def test_enqueue_of_a_known_uid_leaves_the_transaction_usable(kit) -> None:
+    # the UID conflict is decided at the INSERT (ON CONFLICT DO NOTHING): on PostgreSQL a
+    # failed INSERT would abort the transaction and lose the jobs enqueued with it
     first = kit.repo.enqueue(kit.new_job(1), now=T0)
-    real_lookup = kit.repo._find_job_id
-    lookups: list[str] = []
-
-    def lookup_missing_the_race_once(uid: str) -> int | None:
-        lookups.append(uid)
-        return None if len(lookups) == 1 else real_lookup(uid)
-
-    monkeypatch.setattr(kit.repo, "_find_job_id", lookup_missing_the_race_once)
-    second = kit.repo.enqueue(kit.new_job(1), now=seconds(1))
-    assert (second.job_id, second.created) == (first.job_id, False)
-    assert len(lookups) == 2
+    results = kit.repo.enqueue_many([kit.new_job(1), kit.new_job(2)], now=seconds(1))
+    assert [(r.job_id == first.job_id, r.created) for r in results] == [(True, False),
+                                                                         (False, True)]
     assert len(kit.repo.events(first.job_id)) == 1
-    assert kit.repo.counts_by_state()["received"] == 1
+    assert kit.repo.counts_by_state()["received"] == 2
 
 
 def test_skip_at_intake_records_the_reason_and_is_never_claimed(kit) -> None:
