@@ -7,11 +7,12 @@ hides anatomy. The banner states the finding, the model and "NOT FOR DIAGNOSTIC 
 for a demo model), in text scaled to the image and wrapped to its width; it carries no patient
 data.
 
-The object is a Secondary Capture Image in the source's study and a new series, Explicit VR
-Little Endian, with the source's Patient and Study modules, Study Description, Patient
-Orientation, Body Part Examined ``CHEST``, a Source Image Sequence pointing at the source, and
-Conversion Type ``SYN`` (synthetic image). Same inputs, UIDs and ``created`` give a
-byte-identical object.
+The object is a Secondary Capture Image in the source's study and a new series, with the
+source's Patient and Study modules, Study Description, Patient Orientation, Body Part Examined
+``CHEST``, a Source Image Sequence pointing at the source, and Conversion Type ``SYN`` (synthetic
+image), in Explicit VR Little Endian or, on request, JPEG-LS Lossless (the same pixels in about a
+quarter of the bytes; dciodvfy, DCMTK, Orthanc's preview and OHIF open it: tests/outputs,
+tests/interop). Same inputs, UIDs and ``created`` give a byte-identical object.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
 from pneumonode.dicom.pixels import DecodedImage
 from pneumonode.findings import Finding
@@ -44,7 +45,10 @@ from pneumonode.outputs.source import (
     source_metadata,
 )
 
-__all__ = ["banner_lines", "build_overlay", "render_overlay"]
+__all__ = ["OVERLAY_TRANSFER_SYNTAXES", "banner_lines", "build_overlay", "render_overlay"]
+
+#: The transfer syntaxes :func:`build_overlay` writes: uncompressed, or lossless JPEG-LS.
+OVERLAY_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, JPEGLSLossless)
 
 _FILL_RGB = np.array([255.0, 32.0, 32.0])
 _FILL_ALPHA = 0.35
@@ -210,6 +214,7 @@ def build_overlay(
     sop_instance_uid: str,
     series_number: int = 9902,
     created: datetime.datetime | None = None,
+    transfer_syntax_uid: str = ExplicitVRLittleEndian,
 ) -> hd.sc.SCImage:
     """Build the secondary-capture overlay of ``finding`` on ``source``.
 
@@ -230,17 +235,23 @@ def build_overlay(
     created:
         Creation date and time written into the object (now when None); pass the same value
         to rebuild a byte-identical object.
+    transfer_syntax_uid:
+        Explicit VR Little Endian (the default: raw RGB, about 3 bytes a pixel) or JPEG-LS
+        Lossless (``1.2.840.10008.1.2.4.80``: the same pixels in about a quarter of the
+        bytes, at the cost of encoding them; every reader tested opens it, see
+        tests/interop). A sender must then offer it, or decompress for a peer that takes
+        only uncompressed data.
 
     Returns
     -------
     highdicom.sc.SCImage
-        RGB Secondary Capture Image, Explicit VR Little Endian.
+        RGB Secondary Capture Image in ``transfer_syntax_uid``.
 
     Raises
     ------
     ValueError
-        When the mask or the decoded image does not have the source's Rows and Columns; the
-        message names the SOP Instance UID.
+        When the mask or the decoded image does not have the source's Rows and Columns, or
+        the transfer syntax is another; the message names the SOP Instance UID.
     """
     meta = source_metadata(source)
     sop_uid = str(meta.SOPInstanceUID)
@@ -249,6 +260,11 @@ def build_overlay(
         raise ValueError(
             f"rule: image and mask must have the source's Rows x Columns {shape}; they have "
             f"{image.image.shape} and {finding.mask.shape} (SOP {sop_uid})"
+        )
+    if transfer_syntax_uid not in OVERLAY_TRANSFER_SYNTAXES:
+        raise ValueError(
+            f"rule: the overlay is written in one of {list(OVERLAY_TRANSFER_SYNTAXES)}; "
+            f"{transfer_syntax_uid!r} is not (SOP {sop_uid})"
         )
     when = created if created is not None else datetime.datetime.now()
     pixels, factor = _render(image, finding, card)
@@ -269,7 +285,7 @@ def build_overlay(
             manufacturer=NODE_MANUFACTURER,
             pixel_spacing=spacing,
             patient_orientation=_PLACEHOLDER_ORIENTATION,
-            transfer_syntax_uid=ExplicitVRLittleEndian,
+            transfer_syntax_uid=transfer_syntax_uid,
             contributing_equipment=[model_equipment(card, when)],
             series_description=series_description("pneumothorax overlay", card),
             manufacturer_model_name=NODE_MODEL_NAME,

@@ -27,7 +27,7 @@ import pydicom
 import pytest
 import synthetic
 from harness import PEER_ENV, free_port, port_open, wait_for
-from pydicom.uid import generate_uid
+from pydicom.uid import JPEGLSLossless, generate_uid
 
 from pneumonode.dicom.pixels import decode
 from pneumonode.findings import Finding
@@ -59,6 +59,9 @@ class Case:
     study_uid: str
     seg_series_uid: str
     sr_series_uid: str
+    sc_jls: Path  # the same overlay in JPEG-LS Lossless, in a series of its own
+    sc_series_uid: str
+    sc_jls_series_uid: str
 
 
 def artefact_dir() -> Path:
@@ -101,7 +104,10 @@ def write_case(name: str, source: pydicom.Dataset, mask: np.ndarray, folder: Pat
     present = bool(mask.any())
     finding = Finding(mask=mask, present=present, score=0.91 if present else 0.04, area_mm2=area)
     model = card()
-    uids = {k: str(generate_uid()) for k in ("seg", "seg_sop", "sc", "sc_sop", "sr", "sr_sop")}
+    uids = {
+        k: str(generate_uid())
+        for k in ("seg", "seg_sop", "sc", "sc_sop", "sr", "sr_sop", "sc_jls", "sc_jls_sop")
+    }
     seg = build_segmentation(
         source, finding, model, series_instance_uid=uids["seg"],
         sop_instance_uid=uids["seg_sop"], created=CREATED,
@@ -110,18 +116,24 @@ def write_case(name: str, source: pydicom.Dataset, mask: np.ndarray, folder: Pat
         source, image, finding, model, series_instance_uid=uids["sc"],
         sop_instance_uid=uids["sc_sop"], created=CREATED,
     )  # fmt: skip
+    sc_jls = build_overlay(
+        source, image, finding, model, series_instance_uid=uids["sc_jls"],
+        sop_instance_uid=uids["sc_jls_sop"], created=CREATED,
+        transfer_syntax_uid=JPEGLSLossless,
+    )  # fmt: skip
     sr = build_report(
         source, finding, model, seg, series_instance_uid=uids["sr"],
         sop_instance_uid=uids["sr_sop"], created=CREATED,
     )  # fmt: skip
     paths = {}
-    for kind, dataset in (("seg", seg), ("sc", sc), ("sr", sr)):
+    for kind, dataset in (("seg", seg), ("sc", sc), ("sr", sr), ("sc_jls", sc_jls)):
         paths[kind] = folder / f"{kind}.dcm"
         pydicom.dcmwrite(paths[kind], dataset, enforce_file_format=True)
     return Case(
         name=name, source=source_path, seg=paths["seg"], sc=paths["sc"], sr=paths["sr"],
         mask=mask, study_uid=str(source.StudyInstanceUID), seg_series_uid=uids["seg"],
-        sr_series_uid=uids["sr"],
+        sr_series_uid=uids["sr"], sc_jls=paths["sc_jls"], sc_series_uid=uids["sc"],
+        sc_jls_series_uid=uids["sc_jls"],
     )  # fmt: skip
 
 

@@ -1,8 +1,9 @@
 // Open SEG series in OHIF 3.13 (served at BASE) in Debian's headless Chromium, one after another.
 // Usage: node ohif_open.mjs BASE CASES.json
-// CASES.json: [{"name", "study", "series", "label", "screenshot"}]. For each case: open the study
-// with the SEG as the initial series, accept OHIF's "open this Segmentation?" prompt, wait for the
-// segment label in the segmentation panel, take a screenshot. Prints one JSON line per case:
+// CASES.json: [{"name", "study", "series", "label", "screenshot", "prompt"?}]. For each case: open
+// the study with the SEG as the initial series, accept OHIF's "open this Segmentation?" prompt,
+// wait for the segment label in the segmentation panel, take a screenshot. With "prompt": false
+// (an image series, not a SEG) no prompt is awaited and "label" is any text the page must show. Prints one JSON line per case:
 // {name, pageErrors, consoleErrors, failedRequests, prompted, listed, failed, seconds, error?}.
 import fs from "node:fs";
 import puppeteer from "puppeteer-core";
@@ -70,7 +71,9 @@ async function openCase(item) {
     const url =
       `${base}/viewer?StudyInstanceUIDs=${item.study}&initialSeriesInstanceUID=${item.series}`;
     await page.goto(url, { waitUntil: "domcontentloaded", timeout: 60000 });
-    result.prompted = await waitForText(page, "Do you want to open this Segmentation?", 60000);
+    result.prompted = item.prompt === false
+      ? false
+      : await waitForText(page, "Do you want to open this Segmentation?", 60000);
     await clickButton(page, "Skip all");
     if (result.prompted) await clickButton(page, "Yes");
     // The segmentation panel (right side) lists the segments once open; OHIF may open it
