@@ -85,6 +85,17 @@ def write_durably(final: Path, write: Callable[[Path], None], partial: Path) -> 
     ``write`` writes the content to ``partial``; that file is fsynced, renamed to ``final`` and
     the folder fsynced. When anything fails the partial file is removed and the error raised.
     """
+    write_whole(final, write, partial)
+    fsync_path(final.parent, directory=True)
+
+
+def write_whole(final: Path, write: Callable[[Path], None], partial: Path) -> None:
+    """:func:`write_durably` without the last step: the folder of ``final`` is not fsynced.
+
+    The content is durable, the name ``final`` not yet: the caller fsyncs ``final.parent``
+    before it relies on the file (intake fsyncs the folder once for all the instances that
+    arrive at the same time). ``final.parent`` itself is made durably when it is new.
+    """
     make_folder(final.parent)
     try:
         write(partial)
@@ -93,4 +104,3 @@ def write_durably(final: Path, write: Callable[[Path], None], partial: Path) -> 
     except BaseException:
         partial.unlink(missing_ok=True)  # no half-written file is left behind
         raise
-    fsync_path(final.parent, directory=True)

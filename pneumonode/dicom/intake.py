@@ -24,8 +24,9 @@ from pneumonode.datafolder import (
     incoming_dir,
     spool_day,
     spool_dir,
-    write_durably,
+    write_whole,
 )
+from pneumonode.dicom.group_commit import GroupCommit
 from pneumonode.dicom.instance import CommandIdentity, meta_elements_in_dataset, read_instance
 from pneumonode.identifiers import is_valid_uid
 from pneumonode.observer import NodeObserver, NullObserver
@@ -185,17 +186,20 @@ class Intake:
     ) -> None:
         self._data_dir = data_dir
         self._incoming = incoming_dir(data_dir)
-        self._repository = repository
+        self._group = GroupCommit(repository)
         self._on_queued = on_queued
         self._observer: NodeObserver = observer or NullObserver()
         self._incoming.mkdir(parents=True, exist_ok=True)
 
-    def _write_durably(self, encoded: bytes) -> Path:
-        """Write the instance into today's spool folder; see :func:`write_durably`."""
+    def _spool(self, encoded: bytes) -> Path:
+        """Write the instance, fsynced, into today's spool folder; see :func:`write_whole`.
+
+        The folder is fsynced by the group commit, before the job is recorded.
+        """
         name = f"{uuid.uuid4().hex}.dcm"
         final = spool_dir(self._data_dir) / spool_day(datetime.now(UTC)) / name
         partial = self._incoming / (name + PARTIAL_SUFFIX)
-        write_durably(final, functools.partial(_write_new_file, encoded), partial)
+        write_whole(final, functools.partial(_write_new_file, encoded), partial)
         return final
 
     def receive(
@@ -249,10 +253,11 @@ class Intake:
         if mismatch is not None:
             LOGGER.warning("refused SOP Instance %s: %s", sop_uid, mismatch)
             return IntakeResult(Status.DATASET_DOES_NOT_MATCH, Outcome.REFUSED, None, mismatch)
+        spool_path: Path | None = None
         spool_rel: str | None = None
         if reason is None:
             try:
-                spool_path = self._write_durably(encoded)
+                spool_path = self._spool(encoded)
             except OSError as exc:
                 LOGGER.error("cannot spool SOP Instance %s: %s", sop_uid, exc)
                 return IntakeResult(
@@ -270,11 +275,19 @@ class Intake:
             skip_reason=reason,
         )
         try:
-            result = self._repository.enqueue(new)
+            # the spool folder fsynced and the job committed with the others arriving now
+            result = self._group.commit(new, None if spool_path is None else spool_path.parent)
+        except OSError as exc:
+            LOGGER.error("cannot spool SOP Instance %s: %s", sop_uid, exc)
+            if spool_path is not None:
+                spool_path.unlink(missing_ok=True)
+            return IntakeResult(
+                Status.OUT_OF_RESOURCES, Outcome.REFUSED, None, f"spool sync failed: {exc}"
+            )
         except SQLAlchemyError as exc:
             LOGGER.error("cannot record job for SOP Instance %s: %s", sop_uid, exc)
-            if spool_rel is not None:
-                (self._data_dir / spool_rel).unlink(missing_ok=True)
+            if spool_path is not None:
+                spool_path.unlink(missing_ok=True)
             return IntakeResult(
                 Status.OUT_OF_RESOURCES, Outcome.REFUSED, None, "job database unavailable"
             )

@@ -154,7 +154,7 @@ def test_database_down_answers_out_of_resources_and_removes_spool_file(
     def down(*args: object, **kwargs: object) -> None:
         raise OperationalError("INSERT", {}, Exception("database is locked"))
 
-    monkeypatch.setattr(repo, "enqueue", down)
+    monkeypatch.setattr(repo, "enqueue_many", down)
     result = intake.receive(encoded(ds), "A", None)
     assert result.status == Status.OUT_OF_RESOURCES
     assert spool_files(tmp_path / "data") == []
