@@ -74,6 +74,7 @@ def sender_rules() -> list[tuple[str, Callable[[Sample], bool]]]:
     """Where the sending process spends its time, most specific first."""
     return [
         ("read the files (dcmread)", lambda s: s.has("dcmread")),
+        ("read the files (file meta, data set bytes)", lambda s: s.has("EncodedFile.")),
         ("associate and release", lambda s: s.has("associate") or s.has("release")),
         ("encode the dataset (pydicom write)", lambda s: s.has("encode (")
          or s.has("write_dataset")),
@@ -92,6 +93,7 @@ def sender_dul_rules() -> list[tuple[str, Callable[[Sample], bool]]]:
     return [
         ("idle: poll sleep (time.sleep when no event)", lambda s: bool(s.frames)
          and s.frames[-1].source().startswith("time.sleep")),
+        ("idle: waiting on the socket and queues (poll)", lambda s: s.has("wait_readable")),
         ("idle: select() on the socket", lambda s: s.has("AssociationSocket.ready")),
         ("encode and send PDUs", lambda s: s.has("_process_recv_primitive")
          or s.has("AssociationSocket.send")),
@@ -120,7 +122,8 @@ def profile_sender(files: list[Path], folder: Path, rate: int) -> tuple[float, l
         samples = recorder.stop()
         proc.wait(30)
     main = threads_with(samples, "send_with_pneumonode")
-    dul = threads_with(samples, "DULServiceProvider.run_reactor") - main
+    dul = (threads_with(samples, "DULServiceProvider.run_reactor")
+           | threads_with(samples, "EventDrivenDUL.run_reactor")) - main
     mine = [s for s in samples if s.tid in main and s.has("send_with_pneumonode")]
     reader = [s for s in samples if s.tid in dul]
     n = len(files)
@@ -196,10 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         table.add(name, median(times[name]), rate[name], megabytes / median(times[name]),
                   ", ".join(f"{t:.3f}" for t in times[name]))
     table.note = (
-        "pneumonode: `pneumonode.dicom.scu.store` called in this process (reads every file, "
-        "then one association; pynetdicom's default max PDU). storescu: DCMTK, one association, "
-        "process start included. Both with TCP_NODELAY; a fresh `storescp -od DIR +xa` for each "
-        "run, runs interleaved."
+        "pneumonode: `pneumonode.dicom.scu.store` called in this process (reads every file's "
+        "meta information, then one association; each data set sent as encoded on disk when "
+        "its transfer syntax is accepted; pynetdicom's default max PDU). storescu: DCMTK, one "
+        "association, process start included. Both with TCP_NODELAY; a fresh "
+        "`storescp -od DIR +xa` for each run, runs interleaved."
     )
     ratios = Table("Ratio (medians)", ["ratio", "value"])
     ratios.add("pneumonode / storescu", rate["pneumonode"] / rate["storescu"])

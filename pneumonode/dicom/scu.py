@@ -14,8 +14,10 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
+from pynetdicom.transport import AddressInformation, AssociationSocket
 
-from pneumonode.dicom.reactor import quiesce_reactor
+from pneumonode.dicom.encoded_store import EncodedFile, send_encoded
+from pneumonode.dicom.reactor import install
 from pneumonode.dicom.scp import VERIFICATION, handle_conn_open
 
 LOGGER = logging.getLogger(__name__)
@@ -65,8 +67,22 @@ class StoreOutcome:
         return code_to_category(self.status) in (STATUS_SUCCESS, STATUS_WARNING)
 
 
+class SenderAE(AE):
+    """pynetdicom's AE whose associations get the event-driven reactors
+    (:func:`pneumonode.dicom.reactor.install`) before their threads start."""
+
+    def _create_socket(
+        self,
+        assoc: Association,
+        address: AddressInformation,
+        tls_args: tuple[ssl.SSLContext, str] | None,
+    ) -> AssociationSocket:
+        install(assoc)
+        return super()._create_socket(assoc, address, tls_args)
+
+
 def _make_ae(calling_ae: str, timeouts: Timeouts) -> AE:
-    ae = AE(ae_title=calling_ae)
+    ae = SenderAE(ae_title=calling_ae)
     ae.acse_timeout = timeouts.acse
     ae.dimse_timeout = timeouts.dimse
     ae.network_timeout = timeouts.network
@@ -113,6 +129,36 @@ def echo(
     return int(status.Status)
 
 
+def _requested_contexts(files: Sequence[EncodedFile]) -> dict[str, list[str]]:
+    """One context per SOP class: uncompressed files in explicit or implicit VR, compressed
+    ones in their own syntax. A file goes as it is on disk when the peer picks its syntax."""
+    contexts: dict[str, list[str]] = {}
+    for f in files:
+        wanted = contexts.setdefault(str(f.sop_class_uid), [])
+        ts = f.transfer_syntax_uid
+        for syntax in list(_UNCOMPRESSED) if ts in _UNCOMPRESSED else [ts]:
+            if syntax not in wanted:
+                wanted.append(syntax)
+    return contexts
+
+
+def _exact_context(assoc: Association, f: EncodedFile) -> int | None:
+    """The ID of an accepted context with the file's SOP class and transfer syntax."""
+    for cx in assoc.accepted_contexts:
+        if cx.abstract_syntax == f.sop_class_uid and cx.transfer_syntax[0] == \
+                f.transfer_syntax_uid and cx.context_id is not None:
+            return int(cx.context_id)
+    return None
+
+
+def _send_one(assoc: Association, f: EncodedFile, message_id: int) -> Dataset:
+    """C-STORE one file: as encoded on disk when the peer took its syntax, else re-encoded."""
+    context_id = _exact_context(assoc, f)
+    if context_id is not None:
+        return send_encoded(assoc, f, context_id, message_id)
+    return assoc.send_c_store(dcmread(f.path), msg_id=message_id)
+
+
 def store(
     paths: Sequence[Path],
     calling_ae: str,
@@ -124,45 +170,49 @@ def store(
     """C-STORE the DICOM files at ``paths`` over one association, in order.
 
     Uncompressed files may go in explicit or implicit VR; compressed ones in their own syntax.
+    A file whose transfer syntax the peer accepted goes as its data set bytes are on disk (after
+    the file meta information, which must name the SOP class and instance); otherwise it is
+    decoded and encoded again in the syntax accepted.
     ``tls``: a client context (:func:`pneumonode.dicom.tls.client_context`) to use DICOM TLS.
 
     Raises
     ------
     SendError
-        When the association fails or aborts before every file has an answer.
+        When the association fails or aborts before every file has an answer, or a file has
+        no file meta information naming its SOP class, instance and transfer syntax.
     """
-    datasets: list[Dataset] = [dcmread(p) for p in paths]
-    ae = _make_ae(calling_ae, timeouts)
-    contexts: dict[str, list[str]] = {}
-    for ds in datasets:
-        ts = ds.file_meta.TransferSyntaxUID
-        wanted = contexts.setdefault(str(ds.SOPClassUID), [])
-        candidates = list(_UNCOMPRESSED) if ts in _UNCOMPRESSED else [ts]
-        for syntax in candidates:
-            if syntax not in wanted:
-                wanted.append(syntax)
+    files: list[EncodedFile] = []
+    for path in paths:
+        meta = EncodedFile.read_meta(path)
+        if meta is None:
+            raise SendError(
+                f"{path.name} has no file meta information naming its SOP class, SOP instance "
+                "and transfer syntax"
+            )
+        files.append(meta)
+    contexts = _requested_contexts(files)
     if len(contexts) > 128:
         raise SendError(f"{len(contexts)} SOP classes exceed the 128 presentation contexts")
+    ae = _make_ae(calling_ae, timeouts)
     for sop_class, syntaxes in contexts.items():
         ae.add_requested_context(sop_class, syntaxes)
     assoc = _associate(ae, remote, tls)
     outcomes: list[StoreOutcome] = []
     try:
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
-        for path, ds in zip(paths, datasets, strict=True):
-            if str(ds.SOPClassUID) not in accepted:
+        for number, f in enumerate(files, start=1):
+            if str(f.sop_class_uid) not in accepted:
                 raise SendError(
-                    f"{remote} accepted no presentation context for SOP class {ds.SOPClassUID} "
-                    f"(instance {ds.SOPInstanceUID})"
+                    f"{remote} accepted no presentation context for SOP class {f.sop_class_uid} "
+                    f"(instance {f.sop_instance_uid})"
                 )
-            quiesce_reactor(assoc)
-            response = assoc.send_c_store(ds)
+            response = _send_one(assoc, f, (number - 1) % 0xFFFF + 1)
             if "Status" not in response:
                 raise SendError(
-                    f"no C-STORE response from {remote.ae_title} for {ds.SOPInstanceUID} "
+                    f"no C-STORE response from {remote.ae_title} for {f.sop_instance_uid} "
                     "(timeout or abort)"
                 )
-            outcome = StoreOutcome(path, str(ds.SOPInstanceUID), int(response.Status))
+            outcome = StoreOutcome(f.path, str(f.sop_instance_uid), int(response.Status))
             outcomes.append(outcome)
             if on_progress is not None:
                 on_progress(outcome)

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pynetdicom.pdu import A_ASSOCIATE_RQ as A_ASSOCIATE_RQ_PDU
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from pneumonode.dicom.reactor import install
 from pneumonode.settings import Settings
 
 if TYPE_CHECKING:
@@ -404,7 +405,8 @@ class BoundedAssociationSocket(AssociationSocket):
 
 
 class BoundedRequestHandler(RequestHandler):
-    """pynetdicom's request handler, whose association reads PDUs within ``limits``.
+    """pynetdicom's request handler, whose association reads PDUs within ``limits`` and runs
+    the event-driven reactors of :mod:`pneumonode.dicom.reactor`.
 
     Give the server ``functools.partial(BoundedRequestHandler, limits=...)`` as its handler.
     """
@@ -417,6 +419,7 @@ class BoundedRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
+        install(assoc)
         if assoc.dul.socket is None:
             raise RuntimeError("pynetdicom made an association without a socket")
         guard = PduGuard(
@@ -430,8 +433,7 @@ def _wake(assoc: Association) -> Callable[[], None]:
     """Ends ``assoc``'s wait for its A-ASSOCIATE-RQ (``Association.run_reactor`` treats an empty
     item as its ACSE timeout). Without it a connection dropped before its request keeps its
     association slot until that timeout: on Evt17 in Sta2 (AA-5) pynetdicom tells it nothing."""
-    queue = cast("Queue[object]", assoc.dul.to_user_queue)
-    return lambda: queue.put(None)
+    return lambda: cast("Queue[object]", assoc.dul.to_user_queue).put(None)
 
 
 class ConnectionGate:

@@ -1,0 +1,114 @@
+"""Sending a file as encoded on disk when the peer takes its syntax, re-encoded when not."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import synthetic
+from harness import StoreSCP, free_port
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+
+from pneumonode.dicom import scu
+from pneumonode.dicom.encoded_store import EncodedFile
+from pneumonode.dicom.scu import Remote, SendError, Timeouts, store
+
+TIMEOUTS = Timeouts(acse=5, dimse=5, network=5)
+
+
+def _files(folder: Path, count: int) -> list[Path]:
+    return [
+        synthetic.write(synthetic.make_radiograph(rows=32, columns=32, seed=i), folder / f"{i}.dcm")
+        for i in range(count)
+    ]
+
+
+def _data_set_bytes(path: Path) -> bytes:
+    meta = EncodedFile.read_meta(path)
+    assert meta is not None
+    return meta.dataset_bytes()
+
+
+def test_accepted_syntax_goes_as_encoded_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = _files(tmp_path / "src", 3)
+    assert pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+
+    def no_decoding(*args: Any, **kwargs: Any) -> Dataset:
+        raise AssertionError("the file was decoded")
+
+    monkeypatch.setattr(scu, "dcmread", no_decoding)
+    dest = StoreSCP(tmp_path / "dest", free_port()).start()
+    try:
+        outcomes = store(files, "PACS", Remote("DEST", "127.0.0.1", dest.port), TIMEOUTS)
+    finally:
+        dest.stop()
+    assert [o.ok for o in outcomes] == [True] * 3
+    received = {str(pydicom.dcmread(p).SOPInstanceUID): p for p in dest.files()}
+    for path, outcome in zip(files, outcomes, strict=True):
+        assert outcome.sop_instance_uid == str(pydicom.dcmread(path).SOPInstanceUID)
+        copy = received[outcome.sop_instance_uid]
+        assert pydicom.dcmread(copy).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert _data_set_bytes(copy) == _data_set_bytes(path)
+
+
+@pytest.fixture
+def implicit_only_peer() -> Iterator[tuple[int, list[Dataset]]]:
+    received: list[Dataset] = []
+
+    def handle(event: Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    ae = AE(ae_title="IMPLICIT")
+    ae.add_supported_context(synthetic.make_radiograph(rows=8, columns=8).SOPClassUID,
+                             [ImplicitVRLittleEndian])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, handle)])
+    try:
+        yield port, received
+    finally:
+        server.shutdown()
+
+
+def test_refused_syntax_is_re_encoded_in_the_accepted_one(
+    tmp_path: Path, implicit_only_peer: tuple[int, list[Dataset]]
+) -> None:
+    port, received = implicit_only_peer
+    files = _files(tmp_path / "src", 2)
+    outcomes = store(files, "PACS", Remote("IMPLICIT", "127.0.0.1", port), TIMEOUTS)
+    assert [o.ok for o in outcomes] == [True, True]
+    assert [ds.file_meta.TransferSyntaxUID for ds in received] == [ImplicitVRLittleEndian] * 2
+    for path, ds in zip(files, received, strict=True):
+        original = pydicom.dcmread(path)
+        assert ds.SOPInstanceUID == original.SOPInstanceUID
+        assert ds.PixelData == original.PixelData
+
+
+def test_a_file_without_file_meta_is_refused_before_associating(tmp_path: Path) -> None:
+    ds = synthetic.make_radiograph(rows=8, columns=8)
+    bare = tmp_path / "bare.dcm"
+    pydicom.dcmwrite(bare, ds, enforce_file_format=True)
+    raw = bytearray(bare.read_bytes())
+    meta = EncodedFile.read_meta(bare)
+    assert meta is not None
+    # keep the preamble and prefix, drop every file meta element but the transfer syntax
+    no_uids = Dataset()
+    no_uids.TransferSyntaxUID = ExplicitVRLittleEndian
+    rewritten = tmp_path / "no-uids.dcm"
+    with rewritten.open("wb") as fh:
+        fh.write(bytes(raw[:132]))
+        pydicom.filewriter.write_file_meta_info(fh, no_uids, enforce_standard=False)
+        fh.write(bytes(raw[meta.offset:]))
+    with pytest.raises(SendError, match="no file meta information naming its SOP class"):
+        store([rewritten], "PACS", Remote("NOBODY", "127.0.0.1", free_port()), TIMEOUTS)
