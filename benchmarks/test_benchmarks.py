@@ -134,3 +134,68 @@ def test_ingest_small_run_stores_every_image(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     text = (tmp_path / "results" / "ingest.md").read_text(encoding="utf-8")
     assert "| pneumonode / storescp |" in text
+
+
+def test_pipeline_reports_scaling_not_available_for_an_unknown_setting(
+    bench: dict[str, ModuleType], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipeline = importlib.import_module("pipeline")
+    monkeypatch.setattr(pipeline, "PROCESSES_ENV", "PNEUMONODE_WORKER__NO_SUCH_SETTING")
+    ok, why, default = pipeline.processes_support(tmp_path)
+    assert (ok, default) == (False, None)
+    assert "no_such_setting" in why.lower()
+
+
+def test_pipeline_ratios_and_the_not_available_row(bench: dict[str, ModuleType]) -> None:
+    pipeline = importlib.import_module("pipeline")
+    configs = pipeline.pipeline_configs([], None, orthanc=True)
+    assert [c.key for c in configs] == ["orthanc", "ingest", "pipeline"]
+    runs = {
+        "orthanc": [pipeline.Measured(1.0), pipeline.Measured(2.0), pipeline.Measured(1.0)],
+        "ingest": [pipeline.Measured(2.0)],
+        "pipeline": [pipeline.Measured(0.5, 10.0, {"done": 10})],
+    }
+    table, ratios, rate = pipeline.rates_tables(configs, runs, 10, "no worker.processes")
+    assert rate["orthanc:store"] == 10.0  # median 1 s for 10 images
+    assert rate["pipeline:pipeline"] == 1.0
+    rows = {row[0]: row[1:] for row in ratios.rows}
+    assert rows["pipeline / Orthanc store-only"] == ["0.1", ">= 0.15", "NO"]
+    assert rows["ingest with the worker running / Orthanc"] == ["2", ">= 1", "yes"]
+    assert rows["2 processes / 1 process (pipeline)"][0] == "not available"
+    assert "first byte sent -> last result arrived" in table.markdown()
+
+
+def test_pipeline_configs_measure_the_default_process_count_once(
+    bench: dict[str, ModuleType],
+) -> None:
+    pipeline = importlib.import_module("pipeline")
+    configs = pipeline.pipeline_configs([1, 2], 1, orthanc=False, ingest=False)
+    assert [c.key for c in configs] == ["processes=1", "processes=2"]
+    assert "(the default)" in configs[0].label
+    assert configs[1].env == {pipeline.PROCESSES_ENV: "2"}
+
+
+def test_sink_scp_writes_each_received_instance(
+    bench: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    common = bench["_common"]
+    pipeline = importlib.import_module("pipeline")
+    files = common.write_dx_set(tmp_path / "in", 2, size=32)
+    sink = common.SinkSCP(tmp_path / "sink", common.free_port())
+    with common.running(sink):
+        sent = pipeline.send_pynetdicom(files, sink.port, sink.ae_title)
+        common.wait_for(lambda: len(sink.files()) == 2, 30, "two files at the sink")
+    assert sent.seconds > 0
+    assert all(p.stat().st_size > 32 * 32 * 2 for p in sink.files())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("storescu") is None or shutil.which("storescp") is None,
+                    reason="DCMTK not installed (Debian package dcmtk)")
+def test_pipeline_small_run_writes_its_table(tmp_path: Path) -> None:
+    out = run_script(tmp_path, "benchmarks/pipeline.py", "--count", "3", "--rounds", "1",
+                     "--synthetic", "256", "--no-orthanc", "--processes", "", "--warmup", "1")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    text = (tmp_path / "results" / "pipeline.md").read_text(encoding="utf-8")
+    assert "| pneumonode, defaults | first byte sent -> last result arrived |" in text
+    assert "| ingest with the worker running / worker off |" in text
