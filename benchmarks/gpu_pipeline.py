@@ -281,11 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(f"Node pipeline vs bare model on {device} ({backend})",
                   ["what", "batch (images)", "images/s", "median s", "runs (s)"])
     node_rate = float("nan")
+    node_rates: dict[str, float] = {}
     for config in configs:
         whole = [m.pipeline_s or float("nan") for m in runs.get(config.key, [])]
         if whole:
             rate = args.count / median(whole)
-            if config.key == configs[0].key:
+            node_rates[config.label] = rate
+            if config.processes is None or "(the default)" in config.label:
                 node_rate = rate
             table.add(f"{config.label}: first byte sent -> last result arrived",
                       f"up to {batch_default}", rate, median(whole),
@@ -295,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{int(r['size'])} px per call)", batch, r["images/s"],
                   r["ms/call"] / 1000, f"first call {r['first call s']:.2f} s")
     bare_rate = bare_rows[0][1]["images/s"]
-    ratio = Table("Ratio", ["ratio", "value"])
-    ratio.add(f"node / bare (batch {bare_rows[0][0]})", node_rate / bare_rate)
+    ratio = Table("Ratios", ["ratio", "value"])
+    for label, rate in node_rates.items() or {"pneumonode": float("nan")}.items():
+        ratio.add(f"{label} / bare (batch {bare_rows[0][0]})", rate / bare_rate)
     table.note = (
         f"{args.count} x {what}, one association ({peers}); the node with its defaults"
         f"{'' if args.model is None else f' and model {args.model}'}, warmed up with "
