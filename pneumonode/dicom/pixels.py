@@ -116,7 +116,9 @@ class DecodedImage:
         numpy.ndarray
             ``uint8`` array of shape (Rows, Columns).
         """
-        scaled: npt.NDArray[np.float32] = np.rint(np.clip(self.image, 0.0, 1.0) * 255.0)
+        scaled: npt.NDArray[np.float32] = np.clip(self.image, 0.0, 1.0)
+        np.multiply(scaled, np.float32(255.0), out=scaled)
+        np.rint(scaled, out=scaled)
         return scaled.astype(np.uint8)
 
 

@@ -96,9 +96,9 @@ def _validate_image(image: Any, index: int) -> npt.NDArray[np.float32]:
         )
     if min(image.shape) < 1:
         raise ValueError(f"image {index} is empty: shape {image.shape}")
-    if not np.isfinite(image).all():
+    low, high = float(image.min()), float(image.max())  # a NaN or an infinity shows in these
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError(f"image {index} has non-finite pixel values")
-    low, high = float(image.min()), float(image.max())
     if low < 0.0 or high > 1.0:
         raise ValueError(f"image {index} pixel values must lie in [0, 1], got [{low}, {high}]")
     return image

@@ -137,7 +137,7 @@ def _render(
             f"rule: the mask must have the image's shape {gray.shape}; it has "
             f"{finding.mask.shape}"
         )
-    picture = np.repeat(gray[:, :, None], 3, axis=2)
+    picture = np.asarray(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB), dtype=np.uint8)
     if finding.present:
         mask = finding.mask
         blended = picture[mask].astype(np.float64) * (1.0 - _FILL_ALPHA) + _FILL_RGB * _FILL_ALPHA

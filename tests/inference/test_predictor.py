@@ -128,6 +128,13 @@ def test_concurrent_calls_match_sequential_results(make_tiny_package: PackageFac
         np.testing.assert_allclose(scores, reference, atol=1e-6)
 
 
+def _with_one(value: float) -> np.ndarray:
+    """A valid image but for one pixel."""
+    image = np.full((10, 10), 0.5, dtype=np.float32)
+    image[3, 7] = value
+    return image
+
+
 @pytest.mark.parametrize(
     ("image", "message"),
     [
@@ -135,6 +142,9 @@ def test_concurrent_calls_match_sequential_results(make_tiny_package: PackageFac
         (np.zeros((10, 10, 3), dtype=np.float32), "2-D float32"),
         (np.full((10, 10), 1.5, dtype=np.float32), r"\[0, 1\]"),
         (np.full((10, 10), np.nan, dtype=np.float32), "non-finite"),
+        (_with_one(np.nan), "non-finite"),
+        (_with_one(np.inf), "non-finite"),
+        (_with_one(-np.inf), "non-finite"),
     ],
 )
 def test_bad_images_are_refused(
