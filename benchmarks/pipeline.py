@@ -384,6 +384,7 @@ def rates_tables(
     for config in configs:
         measured = runs[config.key]
         if not measured:
+            table.add(config.label, "no completed run (see below)", "", "", "")
             continue
         store = [m.storescu_s for m in measured]
         what = {"orthanc": "storescu wall time (store only)",
@@ -488,17 +489,27 @@ def main(argv: list[str] | None = None) -> int:
             f"{', '.join(c.key for c in configs)}; load "
             f"{info['load average at start (1, 5, 15 min)']}")
         runs: dict[str, list[Measured]] = {c.key: [] for c in configs}
+        failures: dict[str, list[str]] = {c.key: [] for c in configs}
         for round_no in range(args.rounds):
             for config in configs:
                 folder = root / f"round{round_no}" / config.key.replace("=", "")
+                try:
+                    if config.kind == "pipeline":
+                        m = measure_pipeline(folder, config, files, warmup, send=send_dcmtk,
+                                             python_peers=False, timeout=timeout,
+                                             model=args.model)
+                    else:
+                        m = measure_store(folder, config, files, send_dcmtk)
+                except BenchmarkError as exc:
+                    first = str(exc).splitlines()[0][:300]
+                    failures[config.key].append(f"round {round_no + 1}: {first}")
+                    say(f"  round {round_no + 1} {config.label}: FAILED: {str(exc)[-4000:]}")
+                    continue
                 if config.kind == "pipeline":
-                    m = measure_pipeline(folder, config, files, warmup, send=send_dcmtk,
-                                         python_peers=False, timeout=timeout, model=args.model)
                     say(f"  round {round_no + 1} {config.label}: storescu {m.storescu_s:.2f} s "
                         f"({args.count / m.storescu_s:.1f}/s), last result after "
                         f"{m.pipeline_s:.2f} s ({args.count / (m.pipeline_s or 1):.2f}/s)")
                 else:
-                    m = measure_store(folder, config, files, send_dcmtk)
                     say(f"  round {round_no + 1} {config.label}: storescu {m.storescu_s:.2f} s "
                         f"({args.count / m.storescu_s:.1f}/s)")
                 runs[config.key].append(m)
@@ -519,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     note = job_note(configs, runs)
     if note:
         sections.append(note)
+    failed = [f"{c.label}, {line}" for c in configs for line in failures[c.key]]
+    if failed:
+        sections.append("Runs that failed (left out of the medians): " + "; ".join(failed))
     for block in sections:
         say()
         say(block)
