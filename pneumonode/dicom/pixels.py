@@ -6,10 +6,9 @@ The pipeline follows the DICOM grayscale rendering chain (PS3.3 C.11, PS3.4 N.2.
    *before* any pixel data is decompressed: no Pixel Data, multi-frame, colour, a pixel matrix
    larger than ``max_pixels`` (a decompression bomb), or a transfer syntax without an installed
    decoder.
-2. Decode: JPEG Baseline and JPEG 2000 frames with libjpeg-turbo or OpenJPEG directly
-   (:mod:`pneumonode.dicom.frames`), anything else with pydicom's pixel handlers (pylibjpeg,
-   openjpeg, pyjpegls, Pillow), which apply Bits Stored and Pixel Representation (signed data
-   are sign-extended).
+2. Decode: 8-bit JPEG Baseline frames with libjpeg-turbo (:mod:`pneumonode.dicom.frames`),
+   anything else with pydicom's pixel handlers (pylibjpeg, openjpeg, pyjpegls, Pillow), which
+   apply Bits Stored and Pixel Representation (signed data are sign-extended).
 3. Modality LUT: Rescale Slope/Intercept or a Modality LUT Sequence
    (:func:`pydicom.pixels.apply_modality_lut`).
 4. VOI, the first that applies:
