@@ -96,11 +96,29 @@ def write_whole(final: Path, write: Callable[[Path], None], partial: Path) -> No
     before it relies on the file (intake fsyncs the folder once for all the instances that
     arrive at the same time). ``final.parent`` itself is made durably when it is new.
     """
-    make_folder(final.parent)
+    write_partial(write, partial)
+    place_partial(partial, final)
+
+
+def write_partial(write: Callable[[Path], None], partial: Path) -> None:
+    """``write`` the content to ``partial`` and fsync it; on failure ``partial`` is removed."""
     try:
         write(partial)
         fsync_path(partial)
-        os.replace(partial, final)
     except BaseException:
         partial.unlink(missing_ok=True)  # no half-written file is left behind
+        raise
+
+
+def place_partial(partial: Path, final: Path) -> None:
+    """Rename a file written by :func:`write_partial` to ``final`` (its folder made if new).
+
+    The folder of ``final`` is not fsynced (see :func:`write_whole`). On failure ``partial`` is
+    removed.
+    """
+    try:
+        make_folder(final.parent)
+        os.replace(partial, final)
+    except BaseException:
+        partial.unlink(missing_ok=True)
         raise

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import os
-import uuid
+import secrets
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -22,9 +24,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from pneumonode.datafolder import (
     PARTIAL_SUFFIX,
     incoming_dir,
+    place_partial,
     spool_day,
     spool_dir,
-    write_whole,
+    write_partial,
 )
 from pneumonode.dicom.group_commit import GroupCommit
 from pneumonode.dicom.instance import CommandIdentity, meta_elements_in_dataset, read_instance
@@ -37,6 +40,8 @@ LOGGER = logging.getLogger(__name__)
 
 ACCEPTED_MODALITIES = frozenset({"CR", "DX"})
 CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "CHEST_LAT", "CHESTABDOMEN"})
+#: Threads writing spool files; more associations at once wait for one.
+SPOOL_WRITERS = 8
 #: Deepest sequence nesting accepted (a deeper one is a parser bomb, not a radiograph).
 MAX_SEQUENCE_DEPTH = 16
 
@@ -147,7 +152,7 @@ def unreadable_element(ds: Dataset, depth: int = 0) -> str | None:
             standard = dictionary_VR(tag)
         except KeyError:
             standard = None
-        if standard is not None and declared is not None:
+        if standard is not None and declared is not None and declared not in (standard, "UN"):
             if not set(declared.split(" or ")) & {*standard.split(" or "), "UN"}:
                 return f"element {tag} has VR {declared}; the standard's is {standard}"
         try:
@@ -187,20 +192,50 @@ class Intake:
         self._data_dir = data_dir
         self._incoming = incoming_dir(data_dir)
         self._group = GroupCommit(repository)
+        # spool file names: 80 random bits drawn once per Intake, then a counter (cheaper than
+        # a uuid4 per image, unique across restarts and nodes; O_EXCL refuses a clash)
+        self._name_prefix = secrets.token_hex(10)
+        self._name_counter = itertools.count()
+        # writes and fsyncs spool files while the receiving thread checks the header
+        self._writer = ThreadPoolExecutor(SPOOL_WRITERS, thread_name_prefix="spool-write")
         self._on_queued = on_queued
         self._observer: NodeObserver = observer or NullObserver()
         self._incoming.mkdir(parents=True, exist_ok=True)
 
-    def _spool(self, encoded: bytes) -> Path:
-        """Write the instance, fsynced, into today's spool folder; see :func:`write_whole`.
+    def _start_spooling(self, encoded: bytes) -> tuple[Path, Future[None]]:
+        """Start writing and fsyncing the instance to ``spool/incoming`` (see :meth:`_spool`).
+
+        Returns the partial file and the write's future; the file is whole and durable once
+        the future is done without an error, and absent when it fails.
+        """
+        name = f"{self._name_prefix}{next(self._name_counter):012x}.dcm"
+        partial = self._incoming / (name + PARTIAL_SUFFIX)
+        write = functools.partial(_write_new_file, encoded)
+        return partial, self._writer.submit(write_partial, write, partial)
+
+    def _spool(self, partial: Path, writing: Future[None]) -> Path:
+        """Wait for the partial file, then rename it into today's spool folder.
 
         The folder is fsynced by the group commit, before the job is recorded.
+
+        Raises
+        ------
+        OSError
+            When the file could not be written: nothing is left behind.
         """
-        name = f"{uuid.uuid4().hex}.dcm"
-        final = spool_dir(self._data_dir) / spool_day(datetime.now(UTC)) / name
-        partial = self._incoming / (name + PARTIAL_SUFFIX)
-        write_whole(final, functools.partial(_write_new_file, encoded), partial)
+        writing.result()
+        final = spool_dir(self._data_dir) / spool_day(datetime.now(UTC)) / partial.stem
+        place_partial(partial, final)
         return final
+
+    @staticmethod
+    def _discard(partial: Path, writing: Future[None]) -> None:
+        """Remove a partial file that will not be kept (refused or skipped instance)."""
+        try:
+            writing.result()
+        except OSError:
+            return  # the write removed what it had written
+        partial.unlink(missing_ok=True)
 
     def receive(
         self,
@@ -237,27 +272,25 @@ class Intake:
         (0x0000 queued, skipped or duplicate; 0xA700 the spool or the database failed; 0xA900
         the data set does not match the request; 0xC000 it cannot be understood).
         """
+        # the file is written and fsynced while the header is checked; it is kept only for an
+        # instance that is queued
+        partial, writing = self._start_spooling(encoded)
         try:
-            header = read_instance(encoded)
-            sop_uid, reason = self._read_header(header)
-        except Exception as exc:  # any parse failure of bytes from a peer is 0xC000
-            text = f"data set cannot be read ({type(exc).__name__})"
-            LOGGER.warning("refused instance: %s", text)
-            LOGGER.debug("refused instance: parse error", exc_info=True)
-            return IntakeResult(Status.CANNOT_UNDERSTAND, Outcome.REFUSED, None, text)
-        if sop_uid is None:
-            assert reason is not None
-            LOGGER.warning("refused instance: %s", reason)
-            return IntakeResult(Status.CANNOT_UNDERSTAND, Outcome.REFUSED, None, reason)
-        mismatch = _command_mismatch(header, command)
-        if mismatch is not None:
-            LOGGER.warning("refused SOP Instance %s: %s", sop_uid, mismatch)
-            return IntakeResult(Status.DATASET_DOES_NOT_MATCH, Outcome.REFUSED, None, mismatch)
+            verdict = self._check(encoded, command)
+        except BaseException:
+            self._discard(partial, writing)
+            raise
+        if isinstance(verdict, IntakeResult):
+            self._discard(partial, writing)
+            return verdict
+        header, sop_uid, reason = verdict
         spool_path: Path | None = None
         spool_rel: str | None = None
-        if reason is None:
+        if reason is not None:
+            self._discard(partial, writing)
+        else:
             try:
-                spool_path = self._spool(encoded)
+                spool_path = self._spool(partial, writing)
             except OSError as exc:
                 LOGGER.error("cannot spool SOP Instance %s: %s", sop_uid, exc)
                 return IntakeResult(
@@ -306,6 +339,28 @@ class Intake:
         if self._on_queued is not None:
             self._on_queued()
         return IntakeResult(Status.SUCCESS, Outcome.QUEUED, result.job_id)
+
+    def _check(
+        self, encoded: bytes, command: CommandIdentity | None
+    ) -> IntakeResult | tuple[Dataset, str, str | None]:
+        """The refusal to answer, or (header, SOP Instance UID, skip reason or None)."""
+        try:
+            header = read_instance(encoded)
+            sop_uid, reason = self._read_header(header)
+        except Exception as exc:  # any parse failure of bytes from a peer is 0xC000
+            text = f"data set cannot be read ({type(exc).__name__})"
+            LOGGER.warning("refused instance: %s", text)
+            LOGGER.debug("refused instance: parse error", exc_info=True)
+            return IntakeResult(Status.CANNOT_UNDERSTAND, Outcome.REFUSED, None, text)
+        if sop_uid is None:
+            assert reason is not None
+            LOGGER.warning("refused instance: %s", reason)
+            return IntakeResult(Status.CANNOT_UNDERSTAND, Outcome.REFUSED, None, reason)
+        mismatch = _command_mismatch(header, command)
+        if mismatch is not None:
+            LOGGER.warning("refused SOP Instance %s: %s", sop_uid, mismatch)
+            return IntakeResult(Status.DATASET_DOES_NOT_MATCH, Outcome.REFUSED, None, mismatch)
+        return header, sop_uid, reason
 
     @staticmethod
     def _read_header(header: Dataset) -> tuple[str | None, str | None]:
