@@ -227,7 +227,8 @@ def processes_support(folder: Path) -> tuple[bool, str, int | None]:
     code, text = config_check(config, {PROCESSES_ENV: "1"})
     if code != 0:
         last = [line for line in text.strip().splitlines() if line.strip()]
-        return False, (last[-1] if last else f"config check exited {code}"), None
+        why = last[-1].replace(f" in {config} +", "") if last else f"config check exited {code}"
+        return False, why, None
     default = None
     code, text = config_check(config, {})
     if code == 0:
@@ -276,6 +277,23 @@ def job_states(node: NodeProcess, data_dir: Path) -> dict[str, int]:
     return dict(Counter(str(j.get("state")) for j in node.jobs()))
 
 
+def last_error(data_dir: Path) -> str:
+    """The newest job error in the node's SQLite file ("" when none or unreadable)."""
+    database = data_dir / "pneumonode.db"
+    with contextlib.suppress(sqlite3.Error):
+        connection = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=10)
+        try:
+            row = connection.execute(
+                "SELECT id, last_error FROM jobs WHERE last_error IS NOT NULL AND last_error != ''"
+                " ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+        finally:
+            connection.close()
+        if row:
+            return f"job {row[0]}: {str(row[1]).splitlines()[0][:300]}"
+    return ""
+
+
 def wait_until_final(
     node: NodeProcess, data_dir: Path, count: int, timeout: float
 ) -> dict[str, int]:
@@ -290,7 +308,8 @@ def wait_until_final(
     try:
         wait_for(final, timeout, f"{count} jobs to finish", step=0.2)
     except BenchmarkError as exc:
-        raise BenchmarkError(f"{exc} (states {states}); node log:\n{node.tail()}") from exc
+        raise BenchmarkError(f"{exc} (states {states}; {last_error(data_dir)}); node log:\n"
+                             f"{node.tail()}") from exc
     return states
 
 
@@ -321,7 +340,8 @@ def measure_pipeline(
             send(warmup, node.port, "PNEUMONODE")
             states = wait_until_final(node, data_dir, len(warmup), timeout)
             if states.get("done", 0) != len(warmup):
-                raise BenchmarkError(f"warm-up images ended {states}; node log:\n{node.tail()}")
+                raise BenchmarkError(f"warm-up images ended {states} ({last_error(data_dir)}); "
+                                     f"node log:\n{node.tail()}")
             time.sleep(0.3)
         before = {p.name for p in dest.files()}
         sent = send(files, node.port, "PNEUMONODE")
