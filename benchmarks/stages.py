@@ -14,6 +14,8 @@ are reported beside.
 from __future__ import annotations
 
 import argparse
+import inspect
+import math
 import os
 import sys
 import tempfile
@@ -56,8 +58,10 @@ STAGES = (
     "build_report",
     "build_segmentation (positive)",
     "build_overlay (positive)",
+    "build_overlay (JPEG-LS)",
     "write SEG",
     "write SC",
+    "write SC (JPEG-LS)",
     "write SR",
 )
 
@@ -100,9 +104,9 @@ def positive_finding(shape: tuple[int, int], spacing: tuple[float, float] | None
 def measure(source: Source, predictor: Any, rounds: int, folder: Path
             ) -> tuple[dict[str, list[float]], dict[str, list[int]], str]:
     """Time every stage on every file of ``source``; ms lists per stage and byte sizes."""
-    from pydicom.uid import generate_uid
+    from pydicom.uid import JPEGLSLossless, generate_uid
 
-    from pneumonode.datafolder import PARTIAL_SUFFIX, write_durably
+    from pneumonode.datafolder import PARTIAL_SUFFIX, make_folder, write_durably
     from pneumonode.dicom.instance import read_instance
     from pneumonode.dicom.pixels import decode
     from pneumonode.outputs.overlay import build_overlay
@@ -111,9 +115,11 @@ def measure(source: Source, predictor: Any, rounds: int, folder: Path
 
     times: dict[str, list[float]] = {stage: [] for stage in STAGES}
     sizes: dict[str, list[int]] = {"source": [], "SEG": [], "SC": [], "SR": [],
-                                   "SC (positive)": []}
+                                   "SC (positive)": [], "SC (JPEG-LS)": []}
     card = predictor.card
     syntax = ""
+    # an older checkout (measured for a before/after table) has no JPEG-LS overlay: n/a
+    jpeg_ls = "transfer_syntax_uid" in inspect.signature(build_overlay).parameters
 
     def timed(stage: str, count: bool, call: Callable[..., Any], *args: Any, per: int = 1,
               **kwargs: Any) -> Any:
@@ -124,6 +130,7 @@ def measure(source: Source, predictor: Any, rounds: int, folder: Path
         return result
 
     def write(path: Path, ds: Any) -> int:
+        make_folder(path.parent)  # the job's result folder, made by its first result
         write_durably(path, partial(ds.save_as, enforce_file_format=True),
                       path.with_name(path.name + PARTIAL_SUFFIX))
         return path.stat().st_size
@@ -152,6 +159,13 @@ def measure(source: Source, predictor: Any, rounds: int, folder: Path
             sc_positive = timed("build_overlay (positive)", count, build_overlay, ds, image,
                                 positive, card, **sc_uids)
             out = folder / f"r{round_}-{index}"
+            if jpeg_ls:
+                sc_jls = timed("build_overlay (JPEG-LS)", count, build_overlay, ds, image,
+                               finding, card, transfer_syntax_uid=JPEGLSLossless, **sc_uids)
+                jls_size = timed("write SC (JPEG-LS)", count, write, out / "overlay-jls.dcm",
+                                 sc_jls)
+                if round_ == 1:
+                    sizes["SC (JPEG-LS)"].append(jls_size)
             seg_size = timed("write SEG", count, write, out / "seg.dcm", seg)
             sc_size = timed("write SC", count, write, out / "overlay.dcm", sc)
             sr_size = timed("write SR", count, write, out / "sr.dcm", sr)
@@ -162,6 +176,11 @@ def measure(source: Source, predictor: Any, rounds: int, folder: Path
                 sizes["SR"].append(sr_size)
                 sizes["SC (positive)"].append(write(out / "overlay-positive.dcm", sc_positive))
     return times, sizes, syntax
+
+
+def _median(values: list[float] | list[int]) -> float:
+    """The median, or NaN (shown "n/a") for a stage the measured code does not have."""
+    return median(values) if values else math.nan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,18 +222,18 @@ def main(argv: list[str] | None = None) -> int:
     headers = ["stage"] + [f"{s.name} ({syntax})" for s, _, _, syntax in results]
     table = Table("Per-image stage times, ms (median over files x rounds)", headers)
     for stage in STAGES:
-        table.add(stage, *(median(times[stage]) for _, times, _, _ in results))
+        table.add(stage, *(_median(times[stage]) for _, times, _, _ in results))
     worker = ("read_instance", "decode", "analyse, batch 1", "build_segmentation",
               "build_overlay", "build_report", "write SEG", "write SC", "write SR")
-    table.add("**sum (worker, batch 1)**",
+    table.add("**sum (worker, batch 1, SC uncompressed)**",
               *(sum(median(times[s]) for s in worker) for _, times, _, _ in results))
     table.note = (f"{args.rounds} timed rounds after one warm-up round; each file once per "
                   "round. `(positive)`: the same image with a disc-shaped finding (the demo "
                   "model finds little on real images). Writes are the worker's: save, fsync, "
                   "rename, fsync the folder.")
     size_table = Table("Output sizes, kB (median)", ["object", *headers[1:]])
-    for key in ("source", "SEG", "SC", "SC (positive)", "SR"):
-        size_table.add(key, *(median(sizes[key]) / 1000.0 for _, _, sizes, _ in results))
+    for key in ("source", "SEG", "SC", "SC (positive)", "SC (JPEG-LS)", "SR"):
+        size_table.add(key, *(_median(sizes[key]) / 1000.0 for _, _, sizes, _ in results))
     for block in (table, size_table):
         say(block.markdown())
         say()
