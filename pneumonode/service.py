@@ -21,7 +21,6 @@ from pneumonode.dicom.intake import Intake
 from pneumonode.dicom.scp import DicomServer
 from pneumonode.health import Health, database_problem
 from pneumonode.http import HttpEndpoint
-from pneumonode.inference.predictor import Predictor
 from pneumonode.metrics import NodeMetrics
 from pneumonode.queue import migrate
 from pneumonode.queue.db import make_engine
@@ -31,6 +30,8 @@ from pneumonode.scheduler import build_scheduler
 from pneumonode.sender import Sender
 from pneumonode.settings import ConfigError, Settings
 from pneumonode.worker import Worker
+from pneumonode.worker_processes import WorkerProcesses
+from pneumonode.workerpool import WorkerThreads, wedged_after_s
 
 LOGGER = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ class Node:
     def __init__(self, settings: Settings, clock: Callable[[], datetime] | None = None) -> None:
         self.settings = settings
         self._clock = clock
-        self._work = _Threads()
         self._send = _Threads()
         self._job_wake = threading.Event()
         self._send_wake = threading.Event()
@@ -67,9 +67,8 @@ class Node:
         self._scheduler: BackgroundScheduler | None = None
         self._http: HttpEndpoint | None = None
         self._engine: Engine | None = None
-        self._workers: list[Worker] = []
-        self._make_worker: Callable[[str], Worker] | None = None
-        self._generation = 0
+        self._pool: WorkerThreads | None = None
+        self._processes: WorkerProcesses | None = None
         self._senders: list[Sender] = []
         self._listening = False
         self._stopping = False
@@ -108,15 +107,22 @@ class Node:
         self._engine = engine
         revision = migrate.prepare_schema(engine)
         LOGGER.info("queue database %s at schema revision %s", engine.dialect.name, revision)
-        predictor = Predictor.load(cfg.model_path) if cfg.worker.enabled else None
         repo = JobRepository(engine)
         self.repository = repo
         metrics = NodeMetrics(repo)
         self.metrics = metrics
-        intake = Intake(data_dir, repo, self._job_wake.set, metrics)
+        wake: Callable[[], None] = self._job_wake.set
         host = socket.gethostname()
         pid = os.getpid()
-        if predictor is not None:
+        if cfg.worker.enabled and cfg.worker.processes > 0:
+            processes = WorkerProcesses(cfg, metrics, self._send_wake.set)
+            self._processes = processes
+            processes.start()
+            wake = processes.wake
+        elif cfg.worker.enabled:
+            from pneumonode.inference.predictor import Predictor
+
+            predictor = Predictor.load(cfg.model_path)
             LOGGER.info("model %s (uid %s) loaded", predictor.card.display_name, predictor.card.uid)
 
             def make_worker(name: str) -> Worker:
@@ -130,8 +136,10 @@ class Node:
                     observer=metrics,
                 )
 
-            self._make_worker = make_worker
-            self._workers = [make_worker(f"w{i}") for i in range(cfg.worker.threads)]
+            self._pool = WorkerThreads(
+                cfg.worker.threads, make_worker, metrics, lambda: self.wedged_after_s()
+            )
+        intake = Intake(data_dir, repo, wake, metrics)
         self._senders = [
             Sender(cfg, repo, f"{host}:{pid}:s{i}", self._send_wake, observer=metrics)
             for i in range(cfg.delivery.threads)
@@ -151,8 +159,8 @@ class Node:
         for line in describe_destinations(cfg):
             LOGGER.info("%s", line)
         self._listening = True
-        for worker in self._workers:
-            self._spawn(self._work, worker.run, worker.worker_id)
+        if self._pool is not None:
+            self._pool.start()
         for sender in self._senders:
             self._spawn(self._send, sender.run, sender.sender_id)
         self._scheduler.start()
@@ -183,8 +191,10 @@ class Node:
 
     def _beat(self) -> None:
         """Refresh the claims of the current workers and senders (replaced ones excluded)."""
+        if self._pool is not None:
+            self._pool.beat()
         with self._lock:
-            beats = [w.beat for w in self._workers] + [s.beat for s in self._senders]
+            beats = [s.beat for s in self._senders]
         for beat in beats:
             beat()
 
@@ -193,54 +203,29 @@ class Node:
 
     def wedged_after_s(self) -> float:
         """Seconds on one batch after which a worker counts as wedged."""
-        cfg = self.settings.worker
-        return cfg.inference_timeout_s + cfg.stale_after_s
+        return wedged_after_s(self.settings)
 
     def supervise(self) -> list[str]:
-        """Replace every worker thread that died or wedged; returns what was replaced.
+        """Replace every worker thread of this process that died or wedged; returns their ids.
 
-        A replaced worker stops heartbeating its claims, so they expire and are retried within
-        their retry budget (:func:`pneumonode.scheduler.requeue_stale`): a job that kills or
-        wedges its worker every time ends ``failed``. A wedged thread cannot be killed; it is
-        left behind, and whatever it does later is refused by the queue (its claims are gone).
+        See :meth:`pneumonode.workerpool.WorkerThreads.supervise`. Worker processes supervise
+        their own threads, and the serving process restarts a worker process that exits
+        (:class:`pneumonode.worker_processes.WorkerProcesses`).
         """
-        replaced: list[str] = []
         with self._lock:
-            if self._stopping or self._make_worker is None:
-                return replaced
-            for index, (worker, thread) in enumerate(
-                zip(self._workers, self._work.threads, strict=True)
-            ):
-                if not thread.is_alive():
-                    reason, detail = "died", "its thread ended"
-                elif worker.busy_for() > self.wedged_after_s():
-                    reason = "wedged"
-                    detail = (
-                        f"busy {worker.busy_for():.0f} s on jobs {worker.held_jobs()}, over "
-                        f"worker.inference_timeout_s + worker.stale_after_s "
-                        f"({self.wedged_after_s():g} s)"
-                    )
-                else:
-                    continue
-                held = worker.held_jobs()
-                worker.abandon()
-                self._generation += 1
-                new = self._make_worker(f"w{index}.{self._generation}")
-                LOGGER.error(
-                    "worker %s %s (%s); its jobs %s will be retried within their budget; "
-                    "replaced by %s",
-                    worker.worker_id,
-                    reason,
-                    detail,
-                    held or "none",
-                    new.worker_id,
-                )
-                self._workers[index] = new
-                self._work.threads[index] = self._start_thread(self._work, new.run, new.worker_id)
-                if self.metrics is not None:
-                    self.metrics.worker_replaced(reason)
-                replaced.append(worker.worker_id)
-        return replaced
+            if self._stopping or self._pool is None:
+                return []
+        return self._pool.supervise()
+
+    @property
+    def worker_threads(self) -> list[Worker]:
+        """The workers running as threads of this process (none with worker processes)."""
+        return [] if self._pool is None else list(self._pool.workers)
+
+    @property
+    def worker_processes(self) -> WorkerProcesses | None:
+        """The worker processes, when ``worker.processes`` > 0."""
+        return self._processes
 
     def _purged(self, report: PurgeReport) -> None:
         if self.metrics is not None:
@@ -263,14 +248,15 @@ class Node:
 
     def threads_problem(self) -> str | None:
         """Why the workers, senders or scheduler are not all running, or None."""
-        dead = [t.name for t in self._work.threads + self._send.threads if not t.is_alive()]
+        dead = [t.name for t in self._send.threads if not t.is_alive()]
         if dead:
             return f"threads stopped: {', '.join(dead)}"
-        wedged = [w.worker_id for w in self._workers if w.busy_for() > self.wedged_after_s()]
-        if wedged:
-            return f"workers wedged on one batch for over {self.wedged_after_s():g} s: " + (
-                ", ".join(wedged)
-            )
+        for problem in (
+            None if self._pool is None else self._pool.problem(),
+            None if self._processes is None else self._processes.problem(),
+        ):
+            if problem is not None:
+                return problem
         if self._scheduler is None or not self._scheduler.running:
             return "housekeeping scheduler not running"
         return None
@@ -296,7 +282,7 @@ class Node:
         details = {
             "ae_title": node.ae_title,
             "dicom": None if self.address is None else f"{self.address[0]}:{self.address[1]}",
-            "workers": len(self._workers),
+            "workers": self._worker_count(),
             "senders": len(self._senders),
             "destinations": [d.name for d in self.settings.destinations],
         }
@@ -305,6 +291,11 @@ class Node:
             reasons=tuple(reasons),
             details=details,
         )
+
+    def _worker_count(self) -> int:
+        if self._processes is not None:
+            return self._processes.count() * self.settings.worker.threads
+        return 0 if self._pool is None else len(self._pool.workers)
 
     def reload(self, new: Settings) -> tuple[str, ...]:
         """Adopt the destinations and peers of ``new`` without a restart.
@@ -326,8 +317,10 @@ class Node:
             )
             merged = old.model_copy(update={name: getattr(new, name) for name in RELOADABLE})
             self.settings = merged
-            for worker in self._workers:
-                worker.reload(merged)
+            if self._pool is not None:
+                self._pool.reload(merged)
+            if self._processes is not None:
+                self._processes.reload(merged)
             for sender in self._senders:
                 sender.reload(merged)
             if self._server is not None:
@@ -340,10 +333,10 @@ class Node:
         if self._server is not None:
             self._server.stop_accepting()
         self._listening = False
-        self._work.stop.set()
-        self._job_wake.set()
-        for thread in self._work.threads:
-            thread.join(timeout_s)
+        if self._pool is not None:
+            self._pool.stop(timeout_s)
+        if self._processes is not None:
+            self._processes.stop(timeout_s)
         self._send.stop.set()
         self._send_wake.set()
         for thread in self._send.threads:

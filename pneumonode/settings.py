@@ -116,7 +116,26 @@ class WorkerSettings(_Section):
     enabled: bool = Field(
         default=True, description="false: receive and queue only (maintenance, benchmarks)"
     )
-    threads: int = Field(default=1, ge=1, le=64)
+    processes: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="Worker processes beside the listener, each with its own model; "
+        "0: workers run as threads inside the serving process",
+    )
+    threads: int = Field(default=1, ge=1, le=64, description="Worker threads per process")
+    nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="CPU priority of the worker processes below the listener (Unix nice)",
+    )
+    inference_threads: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="Threads each worker process's model uses; 0: the cores / processes",
+    )
     batch_size: int = Field(default=4, ge=1, le=256, description="Most images inferred at once")
     batch_wait_ms: int = Field(default=20, ge=0, le=10_000, description="Wait to fill a batch")
     max_attempts: int = Field(default=3, ge=1, description="Processing attempts before failed")

@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -21,7 +21,6 @@ from pneumonode.datafolder import PARTIAL_SUFFIX, result_path, write_durably
 from pneumonode.dicom.instance import read_instance
 from pneumonode.dicom.pixels import DecodedImage, PixelError, decode
 from pneumonode.findings import Finding
-from pneumonode.inference.predictor import Predictor
 from pneumonode.observer import NodeObserver, NullObserver
 from pneumonode.outputs.overlay import build_overlay
 from pneumonode.outputs.seg import build_segmentation
@@ -37,6 +36,9 @@ from pneumonode.queue.records import (
 from pneumonode.results import ResultKind
 from pneumonode.routing import delivery_targets
 from pneumonode.settings import Settings
+
+if TYPE_CHECKING:  # the serving process of a node with worker processes never loads Keras
+    from pneumonode.inference.predictor import Predictor
 
 LOGGER = logging.getLogger(__name__)
 
@@ -153,6 +155,10 @@ class Worker:
         """Use these settings (new destinations and peers) for the jobs finished from now on."""
         with self._lock:
             self._settings = settings
+
+    def wake(self) -> None:
+        """Stop waiting for new jobs now (used when stopping)."""
+        self._wake.set()
 
     def beat(self) -> None:
         """Refresh the heartbeat of every job this worker holds (see :class:`HeldClaims`)."""

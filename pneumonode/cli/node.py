@@ -30,7 +30,8 @@ HEALTH_TIMEOUT_S = 5.0
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the node in the foreground until SIGTERM/SIGINT."""
     settings = settings_of(args)
-    import_keras(args.verbose)
+    if settings.worker.enabled and settings.worker.processes == 0:
+        import_keras(args.verbose)  # the model runs in this process (else in worker processes)
     from sqlalchemy.exc import SQLAlchemyError
 
     from pneumonode.dicom.pynetdicom_internals import UnsupportedPynetdicom

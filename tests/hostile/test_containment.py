@@ -579,8 +579,8 @@ def _node(tmp_path: Path, **worker: Any) -> Any:
 
     settings = Settings(
         node={"data_dir": tmp_path / "data", "port": free_port(), "host": "127.0.0.1"},
-        worker={"batch_wait_ms": 0, "poll_s": 0.05, "heartbeat_s": 30, "stale_after_s": 61,
-                **worker},
+        worker={"processes": 0, "batch_wait_ms": 0, "poll_s": 0.05, "heartbeat_s": 30,
+                "stale_after_s": 61, **worker},
         metrics={"enabled": False},
     )
     return Node(settings)
@@ -654,9 +654,9 @@ def test_a_wedged_worker_is_reported_and_replaced(
             time.sleep(0.05)
         assert "wedged on one batch" in str(node.threads_problem())
         assert not node.health().ok
-        (wedged,) = [w.worker_id for w in node._workers]
+        (wedged,) = [w.worker_id for w in node.worker_threads]
         assert node.supervise() == [wedged]
-        assert [w.worker_id for w in node._workers] != [wedged]
+        assert [w.worker_id for w in node.worker_threads] != [wedged]
         assert node.threads_problem() is None
         assert node.metrics.workers_replaced.labels("wedged")._value.get() == 1
     finally:
