@@ -88,6 +88,16 @@ def _sigmoid(ds: Dataset) -> Dataset:
     return ds
 
 
+def _eight_bit_allocated(window: bool) -> Dataset:
+    """8 bits allocated, values from 20 to 200 (the table starts above 0)."""
+    ds = synthetic.make_radiograph(rows=70, columns=90, bits_stored=8, window=window)
+    stored = np.clip(ds.pixel_array, 20, 200).astype(np.uint8)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = stored.tobytes()
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
 CASES = {
     "window": lambda: synthetic.make_radiograph(rows=70, columns=90),
     "rescale": lambda: synthetic.make_radiograph(rows=70, columns=90, rescale=(0.37, -120.5)),
@@ -99,6 +109,8 @@ CASES = {
         synthetic.make_radiograph(rows=70, columns=90, bits_stored=8)
     ),
     "sigmoid": lambda: _sigmoid(synthetic.make_radiograph(rows=70, columns=90)),
+    "uint8-window": lambda: _eight_bit_allocated(window=True),
+    "uint8-full-range": lambda: _eight_bit_allocated(window=False),
 }
 
 
