@@ -94,8 +94,10 @@ def write_whole(final: Path, write: Callable[[Path], None], partial: Path) -> No
 
     The content is durable, the name ``final`` not yet: the caller fsyncs ``final.parent``
     before it relies on the file (intake fsyncs the folder once for all the instances that
-    arrive at the same time). ``final.parent`` itself is made durably when it is new.
+    arrive at the same time). ``final.parent`` itself is made durably when it is new, before
+    the write (``partial`` may lie in it).
     """
+    make_folder(final.parent)
     write_partial(write, partial)
     place_partial(partial, final)
 

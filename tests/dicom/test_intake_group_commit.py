@@ -18,6 +18,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 
+from pneumonode.datafolder import write_durably
 from pneumonode.dicom import group_commit
 from pneumonode.dicom.group_commit import GroupCommit
 from pneumonode.dicom.intake import Intake, Outcome, Status
@@ -245,3 +246,11 @@ def test_pydicom_reads_what_the_group_spooled(tmp_path: Path, repo: JobRepositor
     assert job is not None and job.spool_path is not None
     assert (data_dir / job.spool_path).read_bytes() == raw
     assert pydicom.dcmread(data_dir / job.spool_path).SOPInstanceUID == job.sop_instance_uid
+
+
+def test_write_durably_makes_the_new_folder_its_partial_file_lies_in(tmp_path: Path) -> None:
+    # the worker writes results/<job>/seg.dcm through results/<job>/seg.dcm.part
+    final = tmp_path / "results" / "000000007" / "seg.dcm"
+    partial = final.with_name("seg.dcm.part")
+    write_durably(final, lambda path: path.write_bytes(b"DICM"), partial)
+    assert final.read_bytes() == b"DICM" and not partial.exists()
