@@ -140,8 +140,8 @@ def _render(
     picture = np.asarray(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB), dtype=np.uint8)
     if finding.present:
         mask = finding.mask
-        blended = picture[mask].astype(np.float64) * (1.0 - _FILL_ALPHA) + _FILL_RGB * _FILL_ALPHA
-        picture[mask] = np.rint(blended).astype(np.uint8)
+        tinted = np.asarray(cv2.LUT(picture, _tint_table()), dtype=np.uint8)
+        np.copyto(picture, tinted, where=mask[:, :, np.newaxis])
         contours, _ = cv2.findContours(
             mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE
         )
@@ -156,6 +156,16 @@ def _render(
         banner = _banner(banner_lines(finding, card), size[0], size[1], finding.present)
         picture = picture[: _MAX_ROWS - banner.shape[0]]
     return np.ascontiguousarray(np.concatenate([banner, picture], axis=0)), factor
+
+
+def _tint_table() -> npt.NDArray[np.uint8]:
+    """Each gray level of each channel blended with the fill colour, as a (256, 1, 3) table.
+
+    ``rint(value * (1 - alpha) + fill * alpha)``, computed once per level instead of per pixel.
+    """
+    levels = np.arange(256, dtype=np.float64)[:, np.newaxis]
+    blended = levels * (1.0 - _FILL_ALPHA) + _FILL_RGB * _FILL_ALPHA
+    return np.rint(blended).astype(np.uint8).reshape(256, 1, 3)
 
 
 def _banner(lines: list[str], columns: int, rows: int, positive: bool) -> npt.NDArray[np.uint8]:

@@ -154,3 +154,19 @@ def test_shapes_that_do_not_match_the_source_are_refused(
         build_overlay(
             source, image, finding, real_card, series_instance_uid="1.2.3", sop_instance_uid="1.2.4"
         )
+
+
+def test_the_fill_is_the_exact_blend_of_each_pixel_with_the_fill_colour(
+    real_card: ModelCard,
+) -> None:
+    source = synthetic.make_radiograph(rows=256, columns=192)
+    image = decode(source)
+    mask = synthetic.lesion_mask(256, 192)
+    rgb = render_overlay(image, Finding(mask=mask, present=True, score=0.9, area_mm2=1.0),
+                         real_card)  # fmt: skip
+    picture = rgb[rgb.shape[0] - 256 :]
+    inside = cv2.erode(mask.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    gray = image.to_uint8()[inside].astype(np.float64)[:, np.newaxis]
+    expected = np.rint(gray * 0.65 + np.array([255.0, 32.0, 32.0]) * 0.35).astype(np.uint8)
+    assert len(np.unique(gray)) > 20  # many gray levels under the fill
+    np.testing.assert_array_equal(picture[inside], expected)
