@@ -139,12 +139,13 @@ def _render(
         )
     picture = np.asarray(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB), dtype=np.uint8)
     if finding.present:
-        mask = finding.mask
-        tinted = np.asarray(cv2.LUT(picture, _tint_table()), dtype=np.uint8)
-        np.copyto(picture, tinted, where=mask[:, :, np.newaxis])
-        contours, _ = cv2.findContours(
-            mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE
-        )
+        mask_u8 = finding.mask.astype(np.uint8)
+        x, y, width, height = cv2.boundingRect(mask_u8)
+        box = picture[y : y + height, x : x + width]  # a view: tinted in place
+        inside = finding.mask[y : y + height, x : x + width]
+        tinted = np.asarray(cv2.LUT(np.ascontiguousarray(box), _tint_table()), dtype=np.uint8)
+        box[inside] = tinted[inside]
+        contours, _ = cv2.findContours(mask_u8, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
         thickness = max(1, round(min(rows, columns) / 400))
         cv2.drawContours(picture, contours, -1, _OUTLINE_RGB, thickness, cv2.LINE_AA)
     banner = _banner(banner_lines(finding, card), columns, rows, finding.present)
