@@ -22,7 +22,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 
-from pneumonode.dicom.reactor import paused
+from pneumonode.dicom.reactor import one_wake_up, paused
 
 #: C-STORE priority MEDIUM (PS3.7 9.1.1.1.8), pynetdicom's default.
 PRIORITY_MEDIUM = 2
@@ -92,7 +92,8 @@ def send_encoded(
     request.AffectedSOPInstanceUID = encoded.sop_instance_uid
     request.DataSet = BytesIO(encoded.dataset_bytes())
     with paused(assoc):
-        assoc.dimse.send_msg(request, context_id)
+        with one_wake_up(assoc):
+            assoc.dimse.send_msg(request, context_id)
         _, response = assoc.dimse.get_msg(block=True)
     if response is None:
         assoc._handle_no_response()

@@ -21,9 +21,11 @@ until there is something to do:
 * the DUL thread waits (``poll``) on its socket and on a wake-up socket pair that is written
   when a primitive is queued for it from another thread or when it is told to stop; the wait
   ends at the ARTIM timer's expiry, and at :data:`MAX_WAIT_S` at the latest;
-* the association thread waits on an event set when a DIMSE message or an ACSE primitive is
-  queued for it, when it is killed and when the DUL thread ends; the wait ends at the network
-  (idle) timer's expiry, and at :data:`MAX_WAIT_S` at the latest.
+* the association thread waits on an event set when an ACSE primitive is queued for it, when a
+  DIMSE message is (unless a request holds the reactor paused: the request takes its response
+  itself, and setting the checkpoint again wakes the reactor), when it is killed and when the
+  DUL thread ends; the wait ends at the network (idle) timer's expiry, and at
+  :data:`MAX_WAIT_S` at the latest.
 
 Nothing else changes: the state machine, the timers, the PDU reading (and so the listener's PDU
 guard, :mod:`pneumonode.dicom.wire_limits`), TLS (bytes already decrypted count as readable), the
@@ -61,6 +63,12 @@ from contextlib import contextmanager
 from typing import Any, cast
 
 from pynetdicom import evt
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
@@ -108,15 +116,26 @@ class _Waker:
         self._lock = threading.Lock()
         self._closed = False
         self.armed = False
+        self.held = 0
+
+    def hold(self) -> None:
+        """Defer wake-ups until :meth:`release` (a burst of puts wakes the reader once)."""
+        with self._lock:
+            self.held += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.held -= 1
+        self.wake()
 
     def fileno(self) -> int:
         return self._read.fileno()
 
     def wake(self) -> None:
-        if not self.armed:
+        if not self.armed or self.held:
             return
         with self._lock:
-            if self._closed:
+            if self._closed or self.held:
                 return
             try:
                 self._write.send(b"\0")
@@ -135,6 +154,17 @@ class _Waker:
             self._closed = True
             self._read.close()
             self._write.close()
+
+
+class _WakingEvent(threading.Event):
+    """The reactor checkpoint (adopted by class swap): setting it also wakes the reactor, which
+    is not woken for DIMSE messages while a request holds it paused."""
+
+    _also: threading.Event
+
+    def set(self) -> None:
+        super().set()
+        self._also.set()
 
 
 def _running_remaining(timer: Timer) -> float | None:
@@ -205,8 +235,9 @@ class EventDrivenDUL(DULServiceProvider):
             if not self.assoc._dul_ready.is_set():
                 self.assoc._dul_ready.set()
                 idle = True
-            if idle:
-                self._wait_for_work()
+            # the socket is looked at after a wait that did not rule it out; between events
+            # the next wait's poll looks at it (pynetdicom selects it on every loop instead)
+            look_at_socket = self._wait_for_work() if idle else False
             if self._kill_thread:
                 return
             if self.artim_timer.expired:
@@ -214,7 +245,7 @@ class EventDrivenDUL(DULServiceProvider):
             try:
                 if self._process_recv_primitive():
                     pass
-                elif self._is_transport_event():
+                elif look_at_socket and self._is_transport_event():
                     self._idle_timer.restart()
             except Exception:  # as pynetdicom does: an A-ABORT bypassing the state machine
                 LOGGER.exception("DUL reactor failed; aborting the association")
@@ -253,21 +284,26 @@ class EventDrivenDUL(DULServiceProvider):
             return None
         return sock.socket
 
-    def _wait_for_work(self) -> None:
+    def _wait_for_work(self) -> bool:
+        """Block until there may be work; False when the socket was polled and is not readable
+        (in Sta13 True: pynetdicom closes the connection when nothing more is to be read)."""
         waker = self._waker
         waker.armed = True
         woken: set[int] = set()
         try:
             if self._work_pending():
-                return
+                return True
             fds = [waker.fileno()]
             raw = self._connected_socket()
-            if raw is not None and raw.fileno() >= 0:
-                fds.append(raw.fileno())
+            fd = raw.fileno() if raw is not None else -1
+            if fd >= 0:
+                fds.append(fd)
             timeout = _wait_timeout(self.artim_timer, MAX_WAIT_S)
-            if self.state_machine.current_state == "Sta13":
+            closing = self.state_machine.current_state == "Sta13"
+            if closing:
                 timeout = min(timeout, STA13_WAIT_S)
             woken = wait_readable(fds, timeout)
+            return closing or fd < 0 or fd in woken
         finally:
             waker.armed = False
             if waker.fileno() in woken:
@@ -347,6 +383,24 @@ class EventDrivenAssociation(Association):
 
 
 @contextmanager
+def one_wake_up(assoc: Association) -> Iterator[None]:
+    """Queue the PDUs of one message for the DUL thread and wake it once, after the last.
+
+    Without this the DUL thread, faster than the producer, is woken for every PDU: a thread
+    switch each time on a busy machine.
+    """
+    waker = getattr(assoc.dul, "_waker", None)
+    if not isinstance(waker, _Waker):
+        yield
+        return
+    waker.hold()
+    try:
+        yield
+    finally:
+        waker.release()
+
+
+@contextmanager
 def paused(assoc: Association) -> Iterator[None]:
     """Hold ``assoc``'s reactor parked at its checkpoint while a request and its response pass.
 
@@ -363,9 +417,29 @@ def paused(assoc: Association) -> Iterator[None]:
         assoc._reactor_checkpoint.set()
 
 
+#: pynetdicom's "standard" logging handlers, bound to every association: they describe every
+#: PDU and DIMSE message (at DEBUG and INFO, under the AE's lock) whether or not it is logged.
+STANDARD_LOG_HANDLERS = (
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+)
+
+
+def _unbind_silent_log_handlers(assoc: Association) -> None:
+    """Unbind the standard logging handlers while nothing they log would be emitted."""
+    if logging.getLogger(standard_pdu_sent_handler.__module__).isEnabledFor(logging.INFO):
+        return
+    for event, handler in STANDARD_LOG_HANDLERS:
+        assoc.unbind(event, handler)
+
+
 def install(assoc: Association) -> bool:
     """Give ``assoc`` the event-driven reactors; call before its threads start.
 
+    Also unbinds pynetdicom's standard logging handlers when its logger is above INFO (the
+    node sets it to WARNING), as they build log lines for every PDU that are then dropped.
     Returns False (and changes nothing) for a pynetdicom version other than the one reviewed.
 
     Raises
@@ -383,7 +457,15 @@ def install(assoc: Association) -> bool:
     _adopt_queue(dul.to_provider_queue, waker.wake)
     _adopt_queue(dul.event_queue, waker.wake)
     _adopt_queue(dul.to_user_queue, wake.set)
-    _adopt_queue(assoc.dimse.msg_queue, wake.set)
+
+    def message_queued() -> None:
+        if assoc._reactor_checkpoint.is_set():  # else the request takes it, then sets it
+            wake.set()
+
+    _adopt_queue(assoc.dimse.msg_queue, message_queued)
+    checkpoint = assoc._reactor_checkpoint
+    checkpoint.__class__ = _WakingEvent
+    cast(_WakingEvent, checkpoint)._also = wake
     dul.__class__ = EventDrivenDUL
     event_dul = cast(EventDrivenDUL, dul)
     event_dul._waker = waker
@@ -392,4 +474,5 @@ def install(assoc: Association) -> bool:
     event_dul._event_target = make_target(event_dul.run_reactor)
     assoc.__class__ = EventDrivenAssociation
     cast(EventDrivenAssociation, assoc)._wake = wake
+    _unbind_silent_log_handlers(assoc)
     return True

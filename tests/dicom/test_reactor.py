@@ -3,6 +3,7 @@ reactor never takes a response meant for a request (``pneumonode.dicom.reactor``
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,12 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from pneumonode.dicom import scu
 from pneumonode.dicom.intake import Intake
-from pneumonode.dicom.reactor import EventDrivenAssociation, EventDrivenDUL
+from pneumonode.dicom.reactor import (
+    STANDARD_LOG_HANDLERS,
+    EventDrivenAssociation,
+    EventDrivenDUL,
+    install,
+)
 from pneumonode.dicom.scp import VERIFICATION, DicomServer
 from pneumonode.queue.db import create_schema, make_engine
 from pneumonode.queue.repository import JobRepository
@@ -152,3 +158,14 @@ def test_a_paused_reactor_leaves_the_response_to_the_request(
         assoc.release()
     assert assoc.is_released
     assert not [r for r in caplog.records if "unexpected" in r.getMessage()]
+
+
+@pytest.mark.parametrize(("level", "bound"), [(logging.WARNING, False), (logging.INFO, True)])
+def test_standard_log_handlers_kept_only_when_they_can_log(
+    level: int, bound: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(level, logger="pynetdicom")
+    assoc = Association(scu._make_ae("PACS", scu.Timeouts()), "requestor")
+    assert install(assoc)
+    for event, handler in STANDARD_LOG_HANDLERS:
+        assert (handler in [h for h, _ in assoc.get_handlers(event)]) is bound
