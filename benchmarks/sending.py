@@ -75,7 +75,8 @@ def sender_rules() -> list[tuple[str, Callable[[Sample], bool]]]:
     return [
         ("read the files (dcmread)", lambda s: s.has("dcmread")),
         ("read the files (file meta, data set bytes)", lambda s: s.has("EncodedFile.")),
-        ("associate and release", lambda s: s.has("associate") or s.has("release")),
+        ("associate and release", lambda s: s.has("ApplicationEntity.associate")
+         or s.has("Association.release")),
         ("encode the dataset (pydicom write)", lambda s: s.has("encode (")
          or s.has("write_dataset")),
         ("build and send P-DATA PDUs", lambda s: s.has("send_msg") or s.has("send_pdu")

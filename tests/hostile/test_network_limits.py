@@ -270,6 +270,8 @@ def test_trickling_peers_lose_their_slots_and_are_named(node: NodeProcess) -> No
         assert echo(node.port, calling="VALID") is None, "slots should all be held now"
         _echo_works(node.port)
         served_after = time.monotonic() - started
+        for peer in peers:  # each ends once it sees its connection closed
+            peer.join(ARTIM_S + SLACK_S)
     finally:
         stop.set()
         for peer in peers:
