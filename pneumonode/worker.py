@@ -28,6 +28,7 @@ from pneumonode.outputs.sr import build_report
 from pneumonode.queue.jobs import JobTransitions
 from pneumonode.queue.records import (
     FindingRecord,
+    FinishedJob,
     JobView,
     QueueError,
     ResultUIDs,
@@ -282,8 +283,7 @@ class Worker:
             LOGGER.exception("inference failed for job %d", prepared[0].job.id)
             self._fail(prepared[0].job, f"inference failed: {type(exc).__name__}: {exc}")
             return
-        for p, finding in zip(prepared, findings, strict=True):
-            self._finish(p, finding)
+        self._finish_batch(list(zip(prepared, findings, strict=True)))
 
     def _prepare(self, job: JobView) -> _Prepared | None:
         """Read and decode one job's image; a job that cannot be read never joins the batch."""
@@ -339,25 +339,90 @@ class Worker:
             "job %d attempt %d failed (%s): now %s", job.id, job.attempts, error, after.state
         )
 
-    def _finish(self, p: _Prepared, finding: Finding) -> None:
-        job = p.job
-        card = self._predictor.card
+    def _finish_batch(self, results: Sequence[tuple[_Prepared, Finding]]) -> None:
+        """Write every job's outputs and record them: one transaction for the batch's result
+        UIDs, one for its findings and deliveries. A job that fails fails alone."""
+        if not results:
+            return
+        proposed = {
+            p.job.id: ResultUIDs(
+                seg_series_uid=generate_uid(),
+                seg_sop_uid=generate_uid(),
+                sc_series_uid=generate_uid(),
+                sc_sop_uid=generate_uid(),
+                sr_series_uid=generate_uid(),
+                sr_sop_uid=generate_uid(),
+            )
+            for p, _ in results
+        }
+        try:
+            reserved = self._repo.reserve_result_uids_many(proposed, actor=self.worker_id)
+        except (QueueError, SQLAlchemyError) as exc:
+            LOGGER.error("jobs %s: cannot reserve result UIDs: %s", list(proposed), exc)
+            for p, _ in results:
+                self._fail(p.job, f"reserving result UIDs failed: {type(exc).__name__}: {exc}")
+            return
         with self._lock:
             settings = self._settings
+        finished: list[tuple[_Prepared, Finding, FinishedJob]] = []
+        for p, finding in results:
+            uids = reserved.get(p.job.id)
+            if not isinstance(uids, ResultUIDs):
+                LOGGER.error("job %d: cannot reserve result UIDs: %s", p.job.id, uids)
+                self._fail(p.job, f"reserving result UIDs failed: {uids}")
+                continue
+            item = self._write_outputs(p, finding, uids, settings)
+            if item is not None:
+                finished.append((p, finding, item))
+        if not finished:
+            return
+        try:
+            outcomes = self._repo.finish_processing_many(
+                [item for _, _, item in finished], self.worker_id
+            )
+        except (QueueError, SQLAlchemyError) as exc:
+            LOGGER.error("jobs %s: cannot record their results: %s", [p.job.id for p, _, _ in
+                                                                      finished], exc)
+            for p, _, _ in finished:
+                self._fail(p.job, f"recording results failed: {type(exc).__name__}: {exc}")
+            return
+        delivering = False
+        for p, finding, item in finished:
+            outcome = outcomes.get(p.job.id)
+            if isinstance(outcome, StaleTransition):
+                LOGGER.warning(
+                    "job %d: no longer held by %s; its results are not recorded",
+                    p.job.id,
+                    self.worker_id,
+                )
+                self._release(p.job.id)
+                continue
+            if outcome is not None:
+                LOGGER.error("job %d: cannot record its results: %s", p.job.id, outcome)
+                self._fail(p.job, f"recording results failed: {outcome}")
+                continue
+            self._release(p.job.id)
+            self._observer.job_processed("processed")
+            delivering = delivering or bool(item.targets)
+            LOGGER.info(
+                "job %d processed: pneumothorax %s (score %.3f), %d deliveries",
+                p.job.id,
+                "present" if finding.present else "absent",
+                finding.score,
+                len(item.targets),
+            )
+        if delivering and self._on_delivering is not None:
+            self._on_delivering()
+
+    def _write_outputs(
+        self, p: _Prepared, finding: Finding, uids: ResultUIDs, settings: Settings
+    ) -> FinishedJob | None:
+        """Build and write one job's results; on failure the job fails (None is returned)."""
+        job = p.job
+        card = self._predictor.card
         made = settings.output.kinds()
         paths: dict[ResultKind, PurePosixPath] = {}
         try:
-            uids = self._repo.reserve_result_uids(
-                job.id,
-                ResultUIDs(
-                    seg_series_uid=generate_uid(),
-                    seg_sop_uid=generate_uid(),
-                    sc_series_uid=generate_uid(),
-                    sc_sop_uid=generate_uid(),
-                    sr_series_uid=generate_uid(),
-                    sr_sop_uid=generate_uid(),
-                ),
-            )
             objects: dict[ResultKind, Dataset] = {}
             seg = None
             if ResultKind.SEG in made:
@@ -393,7 +458,7 @@ class Worker:
         except Exception as exc:  # output building or writing failed: retry the job
             LOGGER.exception("job %d: writing results failed", job.id)
             self._fail(job, f"writing results failed: {type(exc).__name__}: {exc}")
-            return
+            return None
         record = FindingRecord(
             present=finding.present,
             score=finding.score,
@@ -406,20 +471,4 @@ class Worker:
         targets = delivery_targets(
             settings, job.calling_aet, positive=finding.present, made=tuple(paths)
         )
-        try:
-            self._repo.finish_processing(job.id, self.worker_id, record, targets)
-        except (QueueError, SQLAlchemyError) as exc:
-            LOGGER.error("job %d: cannot record its results: %s", job.id, exc)
-            self._fail(job, f"recording results failed: {type(exc).__name__}: {exc}")
-            return
-        self._release(job.id)
-        self._observer.job_processed("processed")
-        LOGGER.info(
-            "job %d processed: pneumothorax %s (score %.3f), %d deliveries",
-            job.id,
-            "present" if finding.present else "absent",
-            finding.score,
-            len(targets),
-        )
-        if targets and self._on_delivering is not None:
-            self._on_delivering()
+        return FinishedJob(job.id, record, tuple(targets))

@@ -140,6 +140,7 @@ class WorkerProcesses:
         self._lock = threading.Condition()
         self._stopping = False
         self._running = False  # every child was ready once: from now on exits are restarted
+        self._stop_deadline = 0.0
         self._manager: threading.Thread | None = None
         self._drain: threading.Thread | None = None
         self._drain_wake_r, self._drain_wake_w = multiprocessing.Pipe(duplex=False)
@@ -212,19 +213,23 @@ class WorkerProcesses:
         self._poke_drain()
 
     def _manage(self) -> None:
-        """Start the children, then restart any that exits until the node stops."""
+        """Start the children, restart any that exits, and at stop wait for them to end.
+
+        This thread must outlive the children: the kernel's parent-death signal is tied to the
+        thread that started a child, so it is this thread, not the process, that they die with.
+        """
         with self._lock:
             for slot in self._slots:
                 self._spawn(slot)
         while True:
             with self._lock:
                 if self._stopping:
-                    return
+                    break
                 sentinels = [s.process.sentinel for s in self._slots if s.process is not None]
             multiprocessing.connection.wait(sentinels, timeout=0.5)
             with self._lock:
                 if self._stopping:
-                    return
+                    break
                 now = time.monotonic()
                 for slot in self._slots:
                     if slot.process is not None and not slot.process.is_alive():
@@ -232,6 +237,19 @@ class WorkerProcesses:
                     if slot.process is None and slot.fatal is None and now >= slot.restart_at:
                         self._spawn(slot)
                 self._lock.notify_all()
+        self._wait_for_children()
+
+    def _wait_for_children(self) -> None:
+        """Wait until every child has finished its batch and exited; kill one that is late."""
+        for slot in self._slots:
+            process = slot.process
+            if process is None:
+                continue
+            process.join(max(0.0, self._stop_deadline - time.monotonic()))
+            if process.is_alive():
+                LOGGER.error("worker process p%d did not stop in time; killing it", slot.index)
+                process.kill()
+                process.join(5)
 
     def _exited(self, slot: _Slot, now: float) -> None:
         """Record that the process of ``slot`` ended unexpectedly and plan its restart."""
@@ -381,6 +399,7 @@ class WorkerProcesses:
         """Let each child finish the batch in hand and exit; kill one that does not in time."""
         with self._lock:
             self._stopping = True
+            self._stop_deadline = time.monotonic() + timeout_s
             self._lock.notify_all()
         for slot in self._slots:
             if slot.control is not None:
@@ -388,17 +407,7 @@ class WorkerProcesses:
                     slot.control.send(("stop",))
         self.wake()
         if self._manager is not None:
-            self._manager.join(5)
-        deadline = time.monotonic() + timeout_s
-        for slot in self._slots:
-            process = slot.process
-            if process is None:
-                continue
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                LOGGER.error("worker process p%d did not stop in time; killing it", slot.index)
-                process.kill()
-                process.join(5)
+            self._manager.join(timeout_s + 10)
         if self._drain is not None:
             self._drain.join(5)  # reads what the children reported until their pipes close
         with self._lock:
@@ -647,6 +656,14 @@ def _run_child(
             if problem != reported:
                 reported = problem
                 reports.send("status", index, None if problem is None else f"p{index}: {problem}")
-    pool.stop(timeout_s=settings.worker.inference_timeout_s)
+    # Finish the batch in hand, heartbeating its claims meanwhile (as the scheduler of the
+    # serving process does for its own workers until they stop).
+    pool.request_stop()
+    deadline = time.monotonic() + current["settings"].worker.inference_timeout_s
+    while pool.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+        if time.monotonic() >= next_beat:
+            next_beat = time.monotonic() + heartbeat_s
+            pool.beat()
     engine.dispose()
     return 0

@@ -133,13 +133,23 @@ class WorkerThreads:
             return f"workers wedged on one batch for over {limit:g} s: " + ", ".join(wedged)
         return None
 
-    def stop(self, timeout_s: float) -> None:
-        """Let each worker finish the batch in hand, then return (waits ``timeout_s`` each)."""
+    def request_stop(self) -> None:
+        """Ask every worker to stop after the batch in hand (returns at once)."""
         with self._lock:
             self._stopping = True
-            threads = list(self.threads)
         self.stop_event.set()
         for worker in self.workers:
             worker.wake()
+
+    def alive(self) -> bool:
+        """Whether a worker thread still runs."""
+        with self._lock:
+            return any(t.is_alive() for t in self.threads)
+
+    def stop(self, timeout_s: float) -> None:
+        """Let each worker finish the batch in hand, then return (waits ``timeout_s`` each)."""
+        self.request_stop()
+        with self._lock:
+            threads = list(self.threads)
         for thread in threads:
             thread.join(timeout_s)
