@@ -188,13 +188,21 @@ def _source_starts(prefix: str) -> Callable[[Sample], bool]:
 def association_rules() -> list[tuple[str, Callable[[Sample], bool]]]:
     """Where the association thread (DIMSE, handler, intake) spends its time."""
     return [
-        ("intake: os.fsync of spool file and folder",
-         lambda s: s.has("_write_durably") and _source_starts("os.fsync")(s)),
-        ("intake: write spool file (open, write, rename, uuid)",
-         lambda s: s.has("_write_durably")),
-        ("intake: SQLite COMMIT of the job row",
-         lambda s: s.has("enqueue") and s.has("do_commit")),
-        ("intake: job row INSERT via SQLAlchemy (build, execute)", lambda s: s.has("enqueue")),
+        ("intake: wait for the spool file's write + fsync (writer thread, overlaps the checks)",
+         lambda s: s.has("Intake._spool") and s.has("Future.result")),
+        ("intake: rename the spool file into its day folder", lambda s: s.has("Intake._spool")),
+        ("intake: hand the spool write to the writer thread",
+         lambda s: s.has("Intake._start_spooling")),
+        ("intake: remove the file of a refused or skipped instance",
+         lambda s: s.has("Intake._discard")),
+        ("intake: group commit: os.fsync of the spool folder",
+         lambda s: s.has("GroupCommit._make_durable") and _source_starts("os.fsync")(s)),
+        ("intake: group commit: SQLite COMMIT of the job rows",
+         lambda s: s.has("enqueue_many") and s.has("do_commit")),
+        ("intake: group commit: job row INSERT via SQLAlchemy (build, execute)",
+         lambda s: s.has("enqueue_many")),
+        ("intake: group commit: waiting for another association's group",
+         lambda s: s.has("GroupCommit.commit") and s.has("Condition.wait")),
         ("intake: header checks, logging, metrics", lambda s: s.has("Intake.receive")
          or s.has("_ObservedIntake.receive")),
         ("handler: decode dataset (event.dataset)", lambda s: s.has("Event.dataset")),
@@ -221,6 +229,16 @@ def dul_rules() -> list[tuple[str, Callable[[Sample], bool]]]:
          lambda s: s.has("decode_msg") or s.has("message_to_primitive")),
         ("decode PDU (P-DATA-TF items)", lambda s: s.has("_decode_pdu")),
         ("state machine, events, other", lambda s: True),
+    ]
+
+
+def writer_rules() -> list[tuple[str, Callable[[Sample], bool]]]:
+    """Where the spool writer threads spend their time."""
+    return [
+        ("os.fsync of the spool file",
+         lambda s: s.has("write_partial") and _source_starts("os.fsync")(s)),
+        ("open and write the spool file", lambda s: s.has("write_partial")),
+        ("idle: waiting for a file to write", lambda s: True),
     ]
 
 
@@ -257,9 +275,15 @@ def profile_pneumonode(
         reader, dul_rules(), "Profile: DUL thread (socket reads, PDU and DIMSE decoding)", rate,
         n, "image")
     d_table.note = f"{total(reader)} samples ({total(reader) / rate:.2f} s)."
+    writer = [s for s in samples if s.tid in threads_with(samples, "write_partial")]
+    w_table = categories_table(
+        writer, writer_rules(), "Profile: spool writer threads (while the header is checked)",
+        rate, n, "image")
+    w_table.note = f"{total(writer)} samples ({total(writer) / rate:.2f} s)."
     tables = [
         a_table,
         d_table,
+        w_table,
         top_lines_table(busy, "Profile: top lines by self time, association thread "
                         "(idle waits excluded)", rate),
         top_functions_table(
