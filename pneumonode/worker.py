@@ -13,11 +13,11 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, TypeVar
 
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 from sqlalchemy.exc import SQLAlchemyError
 
 from pneumonode.claims import HeldClaims
-from pneumonode.datafolder import PARTIAL_SUFFIX, result_path, write_durably
+from pneumonode.datafolder import PARTIAL_SUFFIX, fsync_path, result_path, write_whole
 from pneumonode.dicom.instance import read_instance
 from pneumonode.dicom.pixels import DecodedImage, PixelError, decode
 from pneumonode.findings import Finding
@@ -46,13 +46,27 @@ LOGGER = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
-def _write_result(path: Path, ds: Dataset) -> None:
-    """Write a result object; see :func:`write_durably`: never a half-written result."""
-    write_durably(
-        path,
-        lambda partial: ds.save_as(partial, enforce_file_format=True),
-        path.with_name(path.name + PARTIAL_SUFFIX),
-    )
+def _write_results(data_dir: Path, files: dict[PurePosixPath, Dataset]) -> None:
+    """Write one job's result objects so that each is whole or absent after a power cut.
+
+    Each is written to a partial file, fsynced and renamed (:func:`write_whole`); their folder
+    is then fsynced once for all of them, before the job records their paths.
+    """
+    folders = set()
+    for relative, ds in files.items():
+        path = data_dir / relative
+        write_whole(
+            path,
+            lambda partial, ds=ds: ds.save_as(partial, enforce_file_format=True),  # type: ignore[misc]
+            path.with_name(path.name + PARTIAL_SUFFIX),
+        )
+        folders.add(path.parent)
+    for folder in folders:
+        fsync_path(folder, directory=True)
+
+
+_SC_SYNTAX = {"none": ExplicitVRLittleEndian, "jpeg-ls": JPEGLSLossless}
+"""The SC's transfer syntax for each ``output.sc_compression``."""
 
 
 def _relative(paths: dict[ResultKind, PurePosixPath], kind: ResultKind) -> str | None:
@@ -441,6 +455,7 @@ class Worker:
                     card,
                     series_instance_uid=uids.sc_series_uid,
                     sop_instance_uid=uids.sc_sop_uid,
+                    transfer_syntax_uid=_SC_SYNTAX[settings.output.sc_compression],
                 )
             if ResultKind.SR in made:
                 assert seg is not None, "settings: output.sr needs output.seg"
@@ -452,9 +467,9 @@ class Worker:
                     series_instance_uid=uids.sr_series_uid,
                     sop_instance_uid=uids.sr_sop_uid,
                 )
-            for kind, dataset in objects.items():
+            for kind in objects:
                 paths[kind] = result_path(job.id, kind)
-                _write_result(self._data_dir / paths[kind], dataset)
+            _write_results(self._data_dir, {paths[kind]: ds for kind, ds in objects.items()})
         except Exception as exc:  # output building or writing failed: retry the job
             LOGGER.exception("job %d: writing results failed", job.id)
             self._fail(job, f"writing results failed: {type(exc).__name__}: {exc}")

@@ -26,6 +26,9 @@ _UNCOMPRESSED = (
     pduid.ExplicitVRLittleEndian,
     pduid.ImplicitVRLittleEndian,
 )
+#: Compressed syntaxes the node writes (the SC with ``output.sc_compression = "jpeg-ls"``): also
+#: offered uncompressed, and decompressed for a peer that accepts only that.
+_DECOMPRESSIBLE = (pduid.JPEGLSLossless,)
 
 
 class SendError(RuntimeError):
@@ -136,7 +139,13 @@ def _requested_contexts(files: Sequence[EncodedFile]) -> dict[str, list[str]]:
     for f in files:
         wanted = contexts.setdefault(str(f.sop_class_uid), [])
         ts = f.transfer_syntax_uid
-        for syntax in list(_UNCOMPRESSED) if ts in _UNCOMPRESSED else [ts]:
+        if ts in _UNCOMPRESSED:
+            offered = list(_UNCOMPRESSED)
+        elif ts in _DECOMPRESSIBLE:
+            offered = [ts, *_UNCOMPRESSED]  # a peer without the codec gets it uncompressed
+        else:
+            offered = [ts]
+        for syntax in offered:
             if syntax not in wanted:
                 wanted.append(syntax)
     return contexts
@@ -156,7 +165,10 @@ def _send_one(assoc: Association, f: EncodedFile, message_id: int) -> Dataset:
     context_id = _exact_context(assoc, f)
     if context_id is not None:
         return send_encoded(assoc, f, context_id, message_id)
-    return assoc.send_c_store(dcmread(f.path), msg_id=message_id)
+    ds = dcmread(f.path)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress()  # the peer took the uncompressed syntaxes only (Explicit VR LE now)
+    return assoc.send_c_store(ds, msg_id=message_id)
 
 
 def store(

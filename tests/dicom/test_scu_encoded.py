@@ -112,3 +112,47 @@ def test_a_file_without_file_meta_is_refused_before_associating(tmp_path: Path) 
         fh.write(bytes(raw[meta.offset:]))
     with pytest.raises(SendError, match="no file meta information naming its SOP class"):
         store([rewritten], "PACS", Remote("NOBODY", "127.0.0.1", free_port()), TIMEOUTS)
+
+
+def _storescp(folder: Path, *options: str) -> Any:
+    """DCMTK storescp with the given transfer syntax options (none: uncompressed only)."""
+    import os
+    import subprocess
+
+    from harness import PEER_ENV, port_open, require, wait_for
+
+    folder.mkdir(parents=True)
+    port = free_port()
+    proc = subprocess.Popen([require("storescp"), "-aet", "DEST", "-od", str(folder), *options,
+                             str(port)], env={**os.environ, **PEER_ENV},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    wait_for(lambda: port_open(port), 20, "storescp to listen")
+    return proc, port
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    (("+xa",), "1.2.840.10008.1.2.4.80"),  # takes JPEG-LS: the file goes as it is on disk
+    ((), "1.2.840.10008.1.2.1"),  # uncompressed only: decompressed, the same pixels
+])
+def test_a_jpeg_ls_result_reaches_peers_with_and_without_the_codec(
+    tmp_path: Path, options: tuple[str, ...], expected: str
+) -> None:
+    from pydicom.uid import JPEGLSLossless
+
+    ds = synthetic.make_radiograph(rows=64, columns=48, seed=5)
+    pixels = ds.pixel_array.copy()
+    path = synthetic.write(synthetic.compress(ds, JPEGLSLossless), tmp_path / "jls.dcm")
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == JPEGLSLossless
+    proc, port = _storescp(tmp_path / "dest", *options)
+    try:
+        (outcome,) = store([path], "PACS", Remote("DEST", "127.0.0.1", port), TIMEOUTS)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert outcome.ok
+    (received,) = [p for p in (tmp_path / "dest").iterdir() if p.is_file()]
+    copy = pydicom.dcmread(received)
+    assert copy.file_meta.TransferSyntaxUID == expected
+    assert (copy.pixel_array == pixels).all()
+    if expected == JPEGLSLossless:
+        assert _data_set_bytes(received) == _data_set_bytes(path)

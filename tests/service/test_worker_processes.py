@@ -11,9 +11,11 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import pydicom
 import pytest
 import synthetic
 from harness import NodeProcess, StoreSCP, free_port, storescu, wait_for, write_config
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
 from pneumonode.settings import Settings
 from pneumonode.worker_processes import inference_threads
@@ -74,6 +76,7 @@ def node_with_processes(tmp_path: Path):
     node = NodeProcess(config, tmp_path / "node.log", env={
         "PNEUMONODE_WORKER__PROCESSES": "2",
         "PNEUMONODE_WORKER__BATCH_SIZE": "2",
+        "PNEUMONODE_OUTPUT__SC_COMPRESSION": "jpeg-ls",  # the SC written and sent compressed
     }).start(timeout=180)
     try:
         yield node, dest, metrics_port
@@ -103,6 +106,12 @@ def test_two_processes_share_the_work_report_metrics_and_stop_cleanly(
     by_process = Counter(int(pid) for pid, _ in processed)
     assert set(by_process) <= set(children)
     assert len(by_process) == 2, by_process  # both processes took jobs
+    # output.sc_compression = "jpeg-ls": the SC arrives as written, in JPEG-LS Lossless
+    syntaxes = Counter(
+        str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        for p in dest.files()
+    )
+    assert syntaxes == {JPEGLSLossless: IMAGES, ExplicitVRLittleEndian: 2 * IMAGES}, syntaxes
     # the children's observations reach the node's /metrics
     assert _metric(metrics_port, 'pneumonode_jobs_processed_total{outcome="processed"}') == IMAGES
     assert _metric(metrics_port, "pneumonode_inference_seconds_count") >= IMAGES / 2
