@@ -122,7 +122,7 @@ def test_two_processes_share_the_work_report_metrics_and_stop_cleanly(
     assert "Traceback" not in node.log.read_text(errors="replace"), node.tail()
 
 
-def test_a_killed_worker_process_is_restarted_and_work_goes_on(
+def test_a_killed_worker_process_is_restarted_and_none_outlives_a_killed_node(
     node_with_processes, tmp_path: Path
 ) -> None:
     node, dest, metrics_port = node_with_processes
@@ -142,23 +142,18 @@ def test_a_killed_worker_process_is_restarted_and_work_goes_on(
     wait_for(lambda: len(dest.files()) >= 12, 180, "results after the restart")
     assert {j["state"] for j in node.jobs()} == {"done"}
 
+    # No worker process outlives a killed node (SIGKILL: it has no chance to stop them).
+    running = [second, replacement]
+    assert all(_alive(pid) for pid in running)
+    node.kill()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in running) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in running)
+
 
 def log_has(log: Path, text: str) -> bool:
     return text in log.read_text(errors="replace")
-
-
-def test_no_worker_process_outlives_a_killed_node(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "node.toml", port=free_port(), data_dir=tmp_path / "data",
-                          extra="[metrics]\nenabled = false\n")
-    node = NodeProcess(config, tmp_path / "node.log",
-                       env={"PNEUMONODE_WORKER__PROCESSES": "2"}).start(timeout=180)
-    children = _child_pids(node.log)
-    assert len(children) == 2
-    node.kill()  # SIGKILL: the node has no chance to stop them
-    deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(pid) for pid in children)
 
 
 def test_a_model_that_cannot_load_stops_the_start_with_its_reason(tmp_path: Path) -> None:
