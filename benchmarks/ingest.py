@@ -188,13 +188,13 @@ def _source_starts(prefix: str) -> Callable[[Sample], bool]:
 def association_rules() -> list[tuple[str, Callable[[Sample], bool]]]:
     """Where the association thread (DIMSE, handler, intake) spends its time."""
     return [
-        ("intake: wait for the spool file's write + fsync (writer thread, overlaps the checks)",
-         lambda s: s.has("Intake._spool") and s.has("Future.result")),
+        ("intake: os.fsync of the spool file (header checked meanwhile on a pool thread)",
+         lambda s: s.has("Intake._write_partial") and _source_starts("os.fsync")(s)),
+        ("intake: write the spool file (name, open, write)",
+         lambda s: s.has("Intake._write_partial")),
+        ("intake: wait for the header checks (pool thread)",
+         lambda s: s.has("Intake._receive") and s.has("Future.result")),
         ("intake: rename the spool file into its day folder", lambda s: s.has("Intake._spool")),
-        ("intake: hand the spool write to the writer thread",
-         lambda s: s.has("Intake._start_spooling")),
-        ("intake: remove the file of a refused or skipped instance",
-         lambda s: s.has("Intake._discard")),
         ("intake: group commit: os.fsync of the spool folder",
          lambda s: s.has("GroupCommit._make_durable") and _source_starts("os.fsync")(s)),
         ("intake: group commit: SQLite COMMIT of the job rows",
@@ -232,13 +232,13 @@ def dul_rules() -> list[tuple[str, Callable[[Sample], bool]]]:
     ]
 
 
-def writer_rules() -> list[tuple[str, Callable[[Sample], bool]]]:
-    """Where the spool writer threads spend their time."""
+def checker_rules() -> list[tuple[str, Callable[[Sample], bool]]]:
+    """Where the header check threads spend their time."""
     return [
-        ("os.fsync of the spool file",
-         lambda s: s.has("write_partial") and _source_starts("os.fsync")(s)),
-        ("open and write the spool file", lambda s: s.has("write_partial")),
-        ("idle: waiting for a file to write", lambda s: True),
+        ("read the instance (pydicom)", lambda s: s.has("read_instance")),
+        ("check every element (VR, value)", lambda s: s.has("unreadable_element")),
+        ("other checks, logging", lambda s: s.has("Intake._check")),
+        ("idle: waiting for a header to check", lambda s: True),
     ]
 
 
@@ -275,15 +275,15 @@ def profile_pneumonode(
         reader, dul_rules(), "Profile: DUL thread (socket reads, PDU and DIMSE decoding)", rate,
         n, "image")
     d_table.note = f"{total(reader)} samples ({total(reader) / rate:.2f} s)."
-    writer = [s for s in samples if s.tid in threads_with(samples, "write_partial")]
-    w_table = categories_table(
-        writer, writer_rules(), "Profile: spool writer threads (while the header is checked)",
+    checker = [s for s in samples if s.tid in threads_with(samples, "Intake._check") - acceptor]
+    c_table = categories_table(
+        checker, checker_rules(), "Profile: header check threads (while the file is written)",
         rate, n, "image")
-    w_table.note = f"{total(writer)} samples ({total(writer) / rate:.2f} s)."
+    c_table.note = f"{total(checker)} samples ({total(checker) / rate:.2f} s)."
     tables = [
         a_table,
         d_table,
-        w_table,
+        c_table,
         top_lines_table(busy, "Profile: top lines by self time, association thread "
                         "(idle waits excluded)", rate),
         top_functions_table(

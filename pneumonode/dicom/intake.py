@@ -9,7 +9,7 @@ import math
 import os
 import secrets
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -40,8 +40,8 @@ LOGGER = logging.getLogger(__name__)
 
 ACCEPTED_MODALITIES = frozenset({"CR", "DX"})
 CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "CHEST_LAT", "CHESTABDOMEN"})
-#: Threads writing spool files; more associations at once wait for one.
-SPOOL_WRITERS = 8
+#: Threads checking headers; more associations at once wait for one.
+HEADER_CHECKERS = 8
 #: Deepest sequence nesting accepted (a deeper one is a parser bomb, not a radiograph).
 MAX_SEQUENCE_DEPTH = 16
 
@@ -196,46 +196,33 @@ class Intake:
         # a uuid4 per image, unique across restarts and nodes; O_EXCL refuses a clash)
         self._name_prefix = secrets.token_hex(10)
         self._name_counter = itertools.count()
-        # writes and fsyncs spool files while the receiving thread checks the header
-        self._writer = ThreadPoolExecutor(SPOOL_WRITERS, thread_name_prefix="spool-write")
+        # checks headers while the receiving threads write and fsync the spool files
+        self._checker = ThreadPoolExecutor(HEADER_CHECKERS, thread_name_prefix="intake-check")
         self._on_queued = on_queued
         self._observer: NodeObserver = observer or NullObserver()
         self._incoming.mkdir(parents=True, exist_ok=True)
 
-    def _start_spooling(self, encoded: bytes) -> tuple[Path, Future[None]]:
-        """Start writing and fsyncing the instance to ``spool/incoming`` (see :meth:`_spool`).
+    def _write_partial(self, encoded: bytes) -> tuple[Path, OSError | None]:
+        """Write and fsync the instance to ``spool/incoming``; the file, or why it failed.
 
-        Returns the partial file and the write's future; the file is whole and durable once
-        the future is done without an error, and absent when it fails.
+        A failed write leaves nothing behind.
         """
         name = f"{self._name_prefix}{next(self._name_counter):012x}.dcm"
         partial = self._incoming / (name + PARTIAL_SUFFIX)
-        write = functools.partial(_write_new_file, encoded)
-        return partial, self._writer.submit(write_partial, write, partial)
+        try:
+            write_partial(functools.partial(_write_new_file, encoded), partial)
+        except OSError as exc:
+            return partial, exc
+        return partial, None
 
-    def _spool(self, partial: Path, writing: Future[None]) -> Path:
-        """Wait for the partial file, then rename it into today's spool folder.
+    def _spool(self, partial: Path) -> Path:
+        """Rename the partial file into today's spool folder.
 
         The folder is fsynced by the group commit, before the job is recorded.
-
-        Raises
-        ------
-        OSError
-            When the file could not be written: nothing is left behind.
         """
-        writing.result()
         final = spool_dir(self._data_dir) / spool_day(datetime.now(UTC)) / partial.stem
         place_partial(partial, final)
         return final
-
-    @staticmethod
-    def _discard(partial: Path, writing: Future[None]) -> None:
-        """Remove a partial file that will not be kept (refused or skipped instance)."""
-        try:
-            writing.result()
-        except OSError:
-            return  # the write removed what it had written
-        partial.unlink(missing_ok=True)
 
     def receive(
         self,
@@ -272,25 +259,29 @@ class Intake:
         (0x0000 queued, skipped or duplicate; 0xA700 the spool or the database failed; 0xA900
         the data set does not match the request; 0xC000 it cannot be understood).
         """
-        # the file is written and fsynced while the header is checked; it is kept only for an
-        # instance that is queued
-        partial, writing = self._start_spooling(encoded)
+        # the header is checked on a pool thread while this one writes and fsyncs the file
+        # (the thread that blocks in I/O is the one that lets go of the GIL); the file is kept
+        # only for an instance that is queued
+        checking = self._checker.submit(self._check, encoded, command)
+        partial, write_error = self._write_partial(encoded)
         try:
-            verdict = self._check(encoded, command)
+            verdict = checking.result()
         except BaseException:
-            self._discard(partial, writing)
+            partial.unlink(missing_ok=True)
             raise
         if isinstance(verdict, IntakeResult):
-            self._discard(partial, writing)
+            partial.unlink(missing_ok=True)
             return verdict
         header, sop_uid, reason = verdict
         spool_path: Path | None = None
         spool_rel: str | None = None
         if reason is not None:
-            self._discard(partial, writing)
+            partial.unlink(missing_ok=True)
         else:
             try:
-                spool_path = self._spool(partial, writing)
+                if write_error is not None:
+                    raise write_error
+                spool_path = self._spool(partial)
             except OSError as exc:
                 LOGGER.error("cannot spool SOP Instance %s: %s", sop_uid, exc)
                 return IntakeResult(
