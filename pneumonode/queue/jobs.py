@@ -237,36 +237,10 @@ class JobTransitions(EngineBound):
         JobNotFound
             When there is no such job.
         """
-        at = utc(now)
-        check_actor(actor)
-        with write_transaction(self._engine) as conn:
-            first = _set_if_unset(
-                conn, job_id, at,
-                seg_series_uid=proposed.seg_series_uid,
-                seg_sop_uid=proposed.seg_sop_uid,
-                sc_series_uid=proposed.sc_series_uid,
-                sc_sop_uid=proposed.sc_sop_uid,
-            )
-            # the SR came later: a job whose SEG and SC UIDs were fixed before gets SR UIDs now
-            _set_if_unset(
-                conn, job_id, at,
-                sr_series_uid=proposed.sr_series_uid,
-                sr_sop_uid=proposed.sr_sop_uid,
-            )
-            job = job_view_or_raise(conn, job_id)
-            stored = job.result_uids
-            if stored is None:
-                raise QueueError(
-                    f"job {job_id}: result UIDs are partly set; refusing to mix them "
-                    f"(SOP Instance UID {job.sop_instance_uid})"
-                )
-            if first:
-                add_event(
-                    conn, job_id, at, job.state, job.state, actor,
-                    f"result UIDs fixed: SEG {stored.seg_sop_uid}, SC {stored.sc_sop_uid}, "
-                    f"SR {stored.sr_sop_uid}",
-                )
-        return stored
+        outcome = self.reserve_result_uids_many({job_id: proposed}, actor=actor, now=now)[job_id]
+        if isinstance(outcome, QueueError):
+            raise outcome
+        return outcome
 
     def finish_processing(
         self,
@@ -289,40 +263,11 @@ class JobTransitions(EngineBound):
         ValueError
             When two targets share a destination name.
         """
-        at = utc(now)
-        names = [target.destination for target in targets]
-        if len(set(names)) != len(names):
-            raise ValueError(f"finish_processing: destination names must be unique, got {names}")
-        to = JobState.DELIVERING if targets else JobState.DONE
-        with write_transaction(self._engine) as conn:
-            job = update_job(
-                conn,
-                job_id,
-                expected=JobState.PROCESSING,
-                worker_id=worker_id,
-                transition=f"finish processing ({to})",
-                values=_finished_values(finding, to, at),
-            )
-            if job.result_uids is None:
-                raise QueueError(
-                    f"job {job_id}: cannot finish processing: result UIDs were never reserved "
-                    f"(SOP Instance UID {job.sop_instance_uid})"
-                )
-            detail = _finished_detail(finding, targets)
-            add_event(conn, job_id, at, JobState.PROCESSING, to, worker_id, detail)
-            for target in targets:
-                conn.execute(
-                    insert(DELIVERIES).values(
-                        job_id=job_id,
-                        destination=target.destination,
-                        created_at=at,
-                        **pending_delivery(target, at),
-                    )
-                )
-                add_event(
-                    conn, job_id, at, None, DeliveryState.PENDING, worker_id,
-                    describe_target(target), destination=target.destination,
-                )
+        outcome = self.finish_processing_many(
+            [FinishedJob(job_id, finding, tuple(targets))], worker_id, now
+        )[job_id]
+        if outcome is not None:
+            raise outcome
 
     def reserve_result_uids_many(
         self,
@@ -628,10 +573,3 @@ def _finished_detail(finding: FindingRecord, targets: Sequence[DeliveryTarget]) 
     return f"{outcome}; no destinations take it, nothing to deliver"
 
 
-def _set_if_unset(conn: Connection, job_id: int, at: datetime, **columns: str) -> bool:
-    """Set ``columns`` of a job where all of them are still NULL; True when it did."""
-    unset = [JOBS.c[name].is_(None) for name in columns]
-    result = conn.execute(
-        update(JOBS).where(JOBS.c.id == job_id, *unset).values(updated_at=at, **columns)
-    )
-    return result.rowcount == 1
